@@ -1,0 +1,96 @@
+"""Checks at the public boundary: every message names the argument and says how to fix it.
+
+Checks that need a value from the device (labels in range, finite embeddings) cost a host
+synchronisation on a GPU. They always run on CPU tensors (where they are free) and run on GPU
+tensors only when :func:`fusedface.set_input_checks` turned them on, so the default GPU hot path
+never synchronises.
+"""
+from __future__ import annotations
+
+import torch
+
+_CHECKS = {"enabled": False}
+
+
+def set_input_checks(enabled: bool) -> None:
+    """Turn on (or off) the value checks that synchronise with a GPU: labels in range and
+    finite embeddings/centres. On CPU tensors labels are always checked."""
+    _CHECKS["enabled"] = bool(enabled)
+
+
+def input_checks_enabled() -> bool:
+    return _CHECKS["enabled"]
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_embeddings_and_centres(x: torch.Tensor, W: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x (embeddings) must be a torch.Tensor of shape [B, D], got {type(x).__name__}")
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W (class centres) must be a torch.Tensor of shape [C, D], got {type(W).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x (embeddings) must be 2-D [B, D], got shape {tuple(x.shape)}; flatten the backbone output first")
+    if W.dim() != 2:
+        raise ValueError(
+            f"W (class centres) must be 2-D [C, D] with one row per class, got shape {tuple(W.shape)}")
+    if x.shape[1] != W.shape[1]:
+        hint = ""
+        if W.shape[0] == x.shape[1]:
+            hint = " (W looks like [D, C], the pytorch-metric-learning layout: pass W.t())"
+        raise ValueError(
+            f"x has D={x.shape[1]} features but W has D={W.shape[1]} columns; W must be [C, D]{hint}")
+    if x.shape[0] == 0:
+        raise ValueError("x (embeddings) is an empty batch (B = 0); pass at least one row")
+    if W.shape[0] == 0:
+        raise ValueError("W (class centres) has no classes (C = 0)")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x (embeddings) must be floating point (fp16, bf16, fp32 or fp64), got {x.dtype}")
+    if W.dtype not in _FLOATS:
+        raise TypeError(f"W (class centres) must be floating point (fp16, bf16, fp32 or fp64), got {W.dtype}")
+    if x.device != W.device:
+        raise ValueError(f"x is on {x.device} but W is on {W.device}; move both to the same device")
+    if input_checks_enabled():
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x (embeddings) holds NaN or Inf values (input checks are on); check the backbone")
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError("W (class centres) holds NaN or Inf values (input checks are on)")
+
+
+def check_labels(y: torch.Tensor, B: int, C: int, ignore_index: int, device: torch.device) -> None:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y (labels) must be a torch.Tensor of shape [B], got {type(y).__name__}")
+    if y.dim() != 1 or y.shape[0] != B:
+        raise ValueError(f"y (labels) must be 1-D of length B={B}, got shape {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
+        raise TypeError(f"y (labels) must be an integer tensor (torch.long), got {y.dtype}; use y.long()")
+    if y.device != device:
+        raise ValueError(f"y (labels) is on {y.device} but x is on {device}; move the labels with y.to(x.device)")
+    if y.device.type == "cpu" or input_checks_enabled():
+        bad = (y != ignore_index) & ((y < 0) | (y >= C))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"y (labels) holds {int(bad.sum())} value(s) outside [0, C={C}) that are not "
+                f"ignore_index={ignore_index}; first at row {i}: {int(y[i])}")
+
+
+def check_row_margin(name: str, m, B: int, device: torch.device):
+    """A margin is a float (broadcast) or a per-row tensor of length B."""
+    if isinstance(m, torch.Tensor):
+        if m.dim() == 0:
+            return m
+        if m.dim() != 1 or m.shape[0] != B:
+            raise ValueError(f"{name} as a tensor must be per-row, shape [B={B}], got shape {tuple(m.shape)}")
+        if not m.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {m.dtype}")
+        if m.device != device:
+            raise ValueError(f"{name} is on {m.device} but x is on {device}; move it to x's device")
+        return m
+    if isinstance(m, bool):
+        raise TypeError(f"{name} must be a float or a Tensor[B], got a bool")
+    try:
+        return float(m)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float or a Tensor[B], got {type(m).__name__}") from None

@@ -1,0 +1,77 @@
+"""The public functional API (SPEC §7): one call per loss, any backend.
+
+``backend="auto"`` picks the fastest backend available for the tensors' device:
+Triton on CUDA when it is importable, else the compiled native module when it was built, else the
+chunked pure-PyTorch engine. ``"reference"`` is the materialised oracle of :mod:`fusedface.reference`.
+Every fused backend returns the same loss and gradients as the reference (the tests hold them to
+it) without building a ``[B, C]`` tensor or a normalised copy of ``W``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference as R
+from ._backends import resolve
+from ._engine import MarginSoftmaxFunction, NPTFunction, choose_tile
+from ._options import MarginOptions, NPTOptions
+from ._validate import check_embeddings_and_centres, check_labels, check_row_margin
+
+__all__ = ["margin_softmax_loss", "npt_loss", "otface_loss"]
+
+
+def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0, *, backend="auto",
+                              tile_size=None, tile_budget=None):
+    """The loss and per-row statistics ``{"pred", "sv_count", "valid"}`` (used by the heads)."""
+    check_embeddings_and_centres(x, W)
+    name, kernels = resolve(backend, x.device)
+    if kernels is None:
+        return R.margin_softmax_with_stats(x, W, y, opts, m2=m2, m3=m3)
+    B, C = x.shape[0], W.shape[0]
+    check_labels(y, B, C, opts.ignore_index, x.device)
+    m2 = check_row_margin("m2", m2, B, x.device)
+    m3 = check_row_margin("m3", m3, B, x.device)
+    tile = choose_tile(B, x.shape[1], C, tile_budget, tile_size)
+    rows, pred, sv = MarginSoftmaxFunction.apply(x, W, y, m2, m3, opts, kernels, tile)
+    valid = y != opts.ignore_index
+    return R._reduce(rows, valid, opts.reduction), {"pred": pred, "sv_count": sv, "valid": valid}
+
+
+def margin_softmax_loss(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
+                        negative="none", t=0.0, grad_mode="exact", reduction="mean", ignore_index=-1,
+                        backend="auto", tile_size=None):
+    """Margin softmax cross-entropy (ArcFace, CosFace, combined, ElasticFace, KappaFace, SV/MV).
+
+    See :func:`fusedface.reference.margin_softmax_loss` for the formula. ``m2``/``m3`` are floats or
+    per-row tensors ``[B]`` (treated as constants: no gradient flows into them). ``tile_size``
+    overrides the class-tile width that the fused backends choose from their memory budget.
+    """
+    opts = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
+                         grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
+    return margin_softmax_with_stats(x, W, y, opts, m2, m3, backend=backend, tile_size=tile_size)[0]
+
+
+def npt_loss(x, W, y, *, delta=0.5, k=1, r=1.0, reduction="mean", ignore_index=-1, backend="auto",
+             tile_size=None):
+    """NPT-Loss (Khalid et al. 2021); formula in :func:`fusedface.reference.npt_loss`."""
+    opts = NPTOptions(delta=delta, k=k, r=r, reduction=reduction, ignore_index=ignore_index)
+    check_embeddings_and_centres(x, W)
+    name, kernels = resolve(backend, x.device)
+    if kernels is None:
+        return R.npt_loss(x, W, y, delta=delta, k=k, r=r, reduction=reduction, ignore_index=ignore_index)
+    B, C = x.shape[0], W.shape[0]
+    check_labels(y, B, C, opts.ignore_index, x.device)
+    if opts.k > C - 1:
+        raise ValueError(f"k={opts.k} nearest negative proxies need at least k + 1 classes, W has C={C}; use k <= {C - 1}")
+    tile = choose_tile(B, x.shape[1], C, None, tile_size)
+    rows = NPTFunction.apply(x, W, y, opts, kernels, tile)
+    return R._reduce(rows, y != opts.ignore_index, opts.reduction)
+
+
+def otface_loss(x, W, y, feature_maps, *, ot_weight=0.1, ot_margin=0.2, ot_eps=0.05, ot_iters=50,
+                backend="auto", **margin_kwargs):
+    """OTFace: a margin softmax on any backend plus ``ot_weight`` times the transport term of
+    :func:`fusedface.reference.ot_triplet_loss` (O(B²·(H·W)²), no class dimension)."""
+    base = margin_softmax_loss(x, W, y, backend=backend, **margin_kwargs)
+    term = R.ot_triplet_loss(x, y, feature_maps, margin=ot_margin, eps=ot_eps, iters=ot_iters,
+                             ignore_index=margin_kwargs.get("ignore_index", -1))
+    return base + ot_weight * term.to(base.dtype)
