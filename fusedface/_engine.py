@@ -30,7 +30,7 @@ import math
 import torch
 
 from ._options import MarginOptions, NPTOptions
-from .reference import EPS_NORM, EPS_SIN2, compute_dtype
+from .reference import EPS_NORM, EPS_SIN2, compute_dtype, row_margin
 
 DEFAULT_TILE_BUDGET = 32 * 2**20  # bytes of tile temporaries per call, independent of C
 
@@ -53,12 +53,6 @@ def inverse_norms(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return 1.0 / torch.linalg.vector_norm(t, dim=1, dtype=dtype).clamp(min=EPS_NORM)
 
 
-def _row(m, B, device, dtype):
-    if isinstance(m, torch.Tensor):
-        return m.detach().to(device=device, dtype=dtype).expand(B).contiguous()
-    return torch.full((B,), float(m), dtype=dtype, device=device)
-
-
 def margin_prologue(x, W, y, opts: MarginOptions, m2, m3, cdt):
     """O(B·D) work before the pass: norms, target cosines, ``f_b`` and ``dT/dc`` per row."""
     B = x.shape[0]
@@ -70,8 +64,8 @@ def margin_prologue(x, W, y, opts: MarginOptions, m2, m3, cdt):
     raw_y = (x.to(cdt) * W[y_safe].to(cdt)).sum(dim=1) * xinv * winv[y_safe]
     in_y = (raw_y >= -1.0) & (raw_y <= 1.0)
     c_y = raw_y.clamp(-1.0, 1.0)
-    m2 = _row(m2, B, x.device, cdt)
-    m3 = _row(m3, B, x.device, cdt)
+    m2 = row_margin(m2, B, x.device, cdt)
+    m3 = row_margin(m3, B, x.device, cdt)
     theta = torch.acos(c_y)
     angle = opts.m1 * theta + m2
     f = torch.cos(angle) - m3

@@ -120,25 +120,25 @@ def _prepare(x, W, y, ignore_index):
     return valid, y_safe
 
 
-def _row_margin(m, B, device, dtype):
+def row_margin(m, B, device, dtype):
+    """A margin as a per-row vector ``[B]``; margins are constants (detached, no gradient)."""
     if isinstance(m, torch.Tensor):
-        return m.to(dtype)
+        return m.detach().to(device=device, dtype=dtype).expand(B).contiguous()
     return torch.full((B,), float(m), dtype=dtype, device=device)
 
 
-def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0):
-    """The margin-softmax loss plus per-row statistics, materialised.
+def margin_softmax_from_cosines(c, y, opts: MarginOptions, m2=0.0, m3=0.0):
+    """The margin-softmax loss as a function of a given cosine matrix ``c [B, C]``.
 
     Returns ``(loss, stats)`` with ``stats = {"pred": argmax_j c_bj, "sv_count": number of
-    support vectors per row, "valid": rows not ignored}``.
+    support vectors per row, "valid": rows not ignored}``. Split out so tests can differentiate
+    with respect to the cosines themselves (``dℓ/dc = s·(p − onehot)·dg/dc``).
     """
-    valid, y_safe = _prepare(x, W, y, opts.ignore_index)
-    B, C = x.shape[0], W.shape[0]
-    m2 = check_row_margin("m2", m2, B, x.device)
-    m3 = check_row_margin("m3", m3, B, x.device)
-    c = cosine_matrix(x, W)  # [B, C]
-    m2 = _row_margin(m2, B, x.device, c.dtype)
-    m3 = _row_margin(m3, B, x.device, c.dtype)
+    B, C = c.shape
+    valid = y != opts.ignore_index
+    y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
+    m2 = row_margin(check_row_margin("m2", m2, B, c.device), B, c.device, c.dtype)
+    m3 = row_margin(check_row_margin("m3", m3, B, c.device), B, c.device, c.dtype)
     c_y = c.gather(1, y_safe[:, None]).squeeze(1)  # [B]
     f = target_transform(c_y, opts.m1, m2, m3, opts.theta_policy, opts.grad_mode)  # [B]
 
@@ -151,6 +151,13 @@ def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0):
     loss = _reduce(rows, valid, opts.reduction)
     stats = {"pred": c.detach().argmax(dim=1), "sv_count": support.sum(dim=1), "valid": valid}
     return loss, stats
+
+
+def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0):
+    """The margin-softmax loss plus per-row statistics, materialised (see
+    :func:`margin_softmax_from_cosines`)."""
+    _prepare(x, W, y, opts.ignore_index)
+    return margin_softmax_from_cosines(cosine_matrix(x, W), y, opts, m2=m2, m3=m3)
 
 
 def margin_softmax_loss(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",

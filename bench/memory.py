@@ -1,0 +1,109 @@
+"""Peak memory of one forward + backward, beyond the inputs and their gradients, in a fresh process.
+
+    python bench/memory.py --backend torch --B 256 --D 128 --C 400000 [--dtype float32] [--json]
+
+A warm-up step on a small problem comes first, so library code paged in by the first call is not
+counted. CPU: the peak resident set size (VmHWM, reset through /proc/self/clear_refs after the inputs are
+allocated and touched) minus the resident size at that moment, minus the bytes of dL/dx and dL/dW
+(which autograd allocates). CUDA (``--device cuda``): ``torch.cuda.max_memory_allocated`` on the same
+terms. Prints one line; ``--json`` prints a JSON object instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(backend: str, B: int, D: int, C: int, dtype: torch.dtype, device: str, loss: str = "arcface") -> dict:
+    import fusedface.functional as F_
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, D, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
+    W = torch.randn(C, D, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
+    y = torch.randint(0, C, (B,), generator=g, device=device)
+    grads_bytes = (x.numel() + W.numel()) * x.element_size()
+
+    def step():
+        if loss == "npt":
+            out = F_.npt_loss(x, W, y, k=5, backend=backend)
+        else:
+            out = F_.margin_softmax_loss(x, W, y, m2=0.5, backend=backend)
+        out.backward()
+        return out
+
+    # warm-up on a small problem: faults in the library code and allocator pools the step uses,
+    # which RSS would otherwise count as memory of the loss
+    xs, Ws = x[:8].detach().clone().requires_grad_(True), W[:300].detach().clone().requires_grad_(True)
+    ys = torch.randint(0, 300, (8,), generator=g, device=device)
+    if loss == "npt":
+        F_.npt_loss(xs, Ws, ys, k=5, backend=backend).backward()
+    else:
+        F_.margin_softmax_loss(xs, Ws, ys, m2=0.5, backend=backend).backward()
+    del xs, Ws, ys
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        if not _reset_peak():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): run on Linux")
+        base = _status_kib("VmRSS") * 1024
+        step()
+        peak = _status_kib("VmHWM") * 1024
+        method = "peak RSS (VmHWM)"
+    extra = (peak - base - grads_bytes) / 2**20
+    return {"backend": backend, "loss": loss, "B": B, "D": D, "C": C, "dtype": str(dtype).replace("torch.", ""),
+            "device": device, "extra_mib": round(extra, 1), "inputs_mib": round(grads_bytes / 2**20, 1),
+            "bc_matrix_mib": round(B * C * 4 / 2**20, 1), "method": method}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--loss", default="arcface", choices=["arcface", "npt"])
+    p.add_argument("--B", type=int, default=256)
+    p.add_argument("--D", type=int, default=128)
+    p.add_argument("--C", type=int, default=400_000)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    res = measure(a.backend, a.B, a.D, a.C, getattr(torch, a.dtype), a.device, a.loss)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['backend']:>10} {res['loss']} B={a.B} D={a.D} C={a.C} {res['dtype']}: "
+              f"{res['extra_mib']:.1f} MiB beyond x, W and their gradients ({res['method']}; "
+              f"one [B, C] fp32 matrix is {res['bc_matrix_mib']:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
