@@ -70,7 +70,7 @@ def npt_loss(x, W, y, *, delta=0.5, k=1, r=1.0, reduction="mean", ignore_index=-
 def otface_loss(x, W, y, feature_maps, *, ot_weight=0.1, ot_margin=0.2, ot_eps=0.05, ot_iters=50,
                 backend="auto", **margin_kwargs):
     """OTFace: a margin softmax on any backend plus ``ot_weight`` times the transport term of
-    :func:`fusedface.reference.ot_triplet_loss` (O(B²·(H·W)²), no class dimension)."""
+    :func:`fusedface.reference.ot_triplet_loss` (O(B·(H·W)²·(Cf + iters)) plus O(B²·D) mining, no class dimension)."""
     base = margin_softmax_loss(x, W, y, backend=backend, **margin_kwargs)
     term = R.ot_triplet_loss(x, y, feature_maps, margin=ot_margin, eps=ot_eps, iters=ot_iters,
                              ignore_index=margin_kwargs.get("ignore_index", -1))

@@ -118,10 +118,12 @@ class CombinedMargin(MarginSoftmaxHead):
 
 class SphereFace(MarginSoftmaxHead):
     """SphereFace-style multiplicative margin ``cos(m·θ)`` (Liu et al. 2017), without the original
-    piecewise ψ(θ) and λ annealing (see docs/differences.md). ``theta_policy="easy"`` by default
-    keeps ``m·θ`` from wrapping past π on hard rows."""
+    piecewise ψ(θ) and λ annealing (see docs/differences.md). ``cos(m·θ)`` is monotone only for
+    ``θ <= π/m``; the default ``theta_policy="threshold"`` turns the margin off past that angle
+    (``f = c``), so the target never rises above the cosine. ``"easy"`` only guards ``c <= 0`` and
+    lets rows between ``π/m`` and π/2 get a target above their cosine."""
 
-    def __init__(self, in_features, out_features, *, scale=64.0, margin=4.0, theta_policy="easy", **kw):
+    def __init__(self, in_features, out_features, *, scale=64.0, margin=4.0, theta_policy="threshold", **kw):
         super().__init__(in_features, out_features, scale=scale, m1=margin, theta_policy=theta_policy, **kw)
 
 
@@ -229,7 +231,10 @@ class KappaFace(MarginSoftmaxHead):
         Classes unseen this epoch get r̄ = 0/0 → κ = 0 and keep count 0 (largest count weight)."""
         n = self.epoch_counts.to(torch.float64)
         rbar = torch.linalg.vector_norm(self.resultant_sum.to(torch.float64), dim=1) / n
-        rbar = rbar.clamp(max=1.0)
+        # a class seen once has r̄ = 1 exactly, but the fp32 sum of unit vectors rounds it just
+        # below 1, which would give a huge finite κ instead of +inf (and wreck the std of κ):
+        # r̄ within fp32 rounding of 1 counts as 1, whose κ = +inf becomes the largest finite κ
+        rbar = torch.where(rbar > 1.0 - 1e-5, torch.ones_like(rbar), rbar)
         kappa = R.kappa_from_resultant(rbar, self.in_features)
         self.class_kappa.copy_(kappa.to(self.class_kappa.dtype))
         m = R.kappa_margins(kappa, n, m0=self.m0, temperature=self.temperature, gamma=self.gamma)
@@ -256,11 +261,12 @@ class KappaFace(MarginSoftmaxHead):
 
 class SVSoftmax(MarginSoftmaxHead):
     """SV-Softmax (Wang et al. 2018, "Support Vector Guided Softmax Loss for Face Recognition"):
-    support vectors ``c > f`` are rewritten to ``t·c + t − 1`` (t ≥ 1). ``margin_type`` "am"
+    support vectors ``c > f`` are rewritten to ``t·c + t − 1`` (t ≥ 1, default 1.12 as FaceX-Zoo's
+    ``mv_weight``). ``margin_type`` "am"
     (CosFace target, m = 0.35) or "arc" (ArcFace target, m = 0.5); s = 32."""
 
     _negative = "sv"
-    _t = 1.2
+    _t = 1.12  # FaceX-Zoo's mv_weight for SV-Softmax
 
     def __init__(self, in_features, out_features, *, scale=32.0, margin_type="am", margin=None, t=None,
                  theta_policy="easy", **kw):

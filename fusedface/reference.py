@@ -316,6 +316,8 @@ def ot_triplet_loss(x, y, feature_maps, *, margin=0.2, eps=0.05, iters=50, ignor
     ``H·W`` position vectors; ``L_OT = mean_a max(0, OT(a, p) − OT(a, n) + margin)`` (0 when no
     anchor qualifies). The paper's hyper-parameters were not available: see docs/losses/otface.md.
     """
+    if not eps > 0 or int(iters) < 1:
+        raise ValueError(f"the OT term needs eps > 0 and iters >= 1, got eps={eps}, iters={iters}")
     if feature_maps.dim() != 4 or feature_maps.shape[0] != x.shape[0]:
         raise ValueError(f"feature_maps must be [B={x.shape[0]}, Cf, H, W], got shape {tuple(feature_maps.shape)}")
     B = x.shape[0]
