@@ -85,36 +85,64 @@ def margin_prologue(x, W, y, opts: MarginOptions, m2, m3, cdt):
     return valid, y_lab, xinv, winv, c_y, f, slope
 
 
+def margin_forward_rows(x, W, y, m2, m3, opts: MarginOptions, kernels, tile: int):
+    """The forward of the fused margin softmax: prologue, one kernel pass, per-row losses.
+
+    Returns ``(rows, pred, sv, saved)`` with ``saved = (x, W, y_lab, xinv, winv, f, slope, lse, valid)``
+    (``x`` and ``W`` contiguous): everything :func:`margin_backward_grads` needs."""
+    cdt = compute_dtype(x, W)
+    x = x.contiguous()
+    W = W.contiguous()
+    valid, y_lab, xinv, winv, c_y, f, slope = margin_prologue(x, W, y, opts, m2, m3, cdt)
+    lse, pred, sv = kernels.margin_forward(x, W, xinv, winv, y_lab, f, opts, tile)
+    rows = _nan_if_any_nan(winv, lse - opts.scale * f)
+    rows = torch.where(valid, rows, torch.zeros_like(lse))
+    return rows, pred, sv, (x, W, y_lab, xinv, winv, f, slope, lse, valid)
+
+
+def _nan_if_any_nan(winv, rows):
+    """NaN in, NaN out, whatever the kernels' min/max do with NaN (Triton's ``tl.maximum`` and a
+    streaming top-k drop it, torch's ops propagate it): a NaN in any centre makes every row NaN, as
+    in the reference, where every row's softmax (and top-k) sees every class. A NaN embedding
+    already reaches its row through the prologue's target cosine. O(C), no synchronisation."""
+    return torch.where(torch.isnan(winv).any(), torch.full_like(rows, float("nan")), rows)
+
+
+def margin_backward_grads(grad_rows, saved, opts: MarginOptions, kernels, tile: int, need_dx: bool, need_dW: bool):
+    """``(dL/dx or None, dL/dW or None)`` from the upstream per-row gradient and ``saved``."""
+    x, W, y_lab, xinv, winv, f, slope, lse, valid = saved
+    gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
+    p_y = torch.exp(opts.scale * f - lse)
+    dcy = opts.scale * (p_y - 1.0) * gl * slope
+    Gx, dW = kernels.margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, opts, tile, need_dx, need_dW)
+    dx = x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
+    return dx, (dW if need_dW else None)
+
+
 class MarginSoftmaxFunction(torch.autograd.Function):
-    """Per-row margin-softmax losses ``[B]`` (0 on ignored rows) plus (pred, sv) statistics."""
+    """Per-row margin-softmax losses ``[B]`` (0 on ignored rows) plus (pred, sv) statistics.
+
+    ``kernels`` is a module with the three tile kernels. The public API goes through the registered
+    op ``fusedface::margin_softmax_fwd`` below (opaque to ``torch.compile``); this Function is the
+    same computation for callers that hold a kernels module (Dynamo traces it when the kernels
+    themselves are traceable, e.g. the Triton backend's ``triton_op`` s)."""
 
     @staticmethod
     def forward(ctx, x, W, y, m2, m3, opts: MarginOptions, kernels, tile: int):
-        cdt = compute_dtype(x, W)
-        x = x.contiguous()
-        W = W.contiguous()
-        valid, y_lab, xinv, winv, c_y, f, slope = margin_prologue(x, W, y, opts, m2, m3, cdt)
-        lse, pred, sv = kernels.margin_forward(x, W, xinv, winv, y_lab, f, opts, tile)
-        rows = torch.where(valid, lse - opts.scale * f, torch.zeros_like(lse))
-        ctx.save_for_backward(x, W, y_lab, xinv, winv, f, slope, lse, valid)
+        rows, pred, sv, saved = margin_forward_rows(x, W, y, m2, m3, opts, kernels, tile)
+        ctx.save_for_backward(*saved)
         ctx.opts, ctx.kernels, ctx.tile = opts, kernels, tile
         ctx.mark_non_differentiable(pred, sv)
         return rows, pred, sv
 
     @staticmethod
     def backward(ctx, grad_rows, _gp, _gs):
-        x, W, y_lab, xinv, winv, f, slope, lse, valid = ctx.saved_tensors
-        opts = ctx.opts
         need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dW):
             return (None,) * 8
-        gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
-        p_y = torch.exp(opts.scale * f - lse)
-        dcy = opts.scale * (p_y - 1.0) * gl * slope
-        Gx, dW = ctx.kernels.margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, opts, ctx.tile,
-                                             need_dx, need_dW)
-        dx = x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
-        return dx, (dW if need_dW else None), None, None, None, None, None, None
+        dx, dW = margin_backward_grads(grad_rows, ctx.saved_tensors, ctx.opts, ctx.kernels, ctx.tile,
+                                       need_dx, need_dW)
+        return dx, dW, None, None, None, None, None, None
 
 
 def x_jacobian(x, xinv, G):
@@ -123,53 +151,213 @@ def x_jacobian(x, xinv, G):
     return (G - (G * xh).sum(dim=1, keepdim=True) * xh) * xinv[:, None]
 
 
+def npt_forward_rows(x, W, y, opts: NPTOptions, kernels, tile: int):
+    """Per-row NPT losses and ``saved = (x, W, y_safe, xinv, winv, topi, hinge, valid)``."""
+    cdt = compute_dtype(x, W)
+    x = x.contiguous()
+    W = W.contiguous()
+    valid = y != opts.ignore_index
+    y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
+    y_safe = y_lab.clamp(min=0)
+    xinv = inverse_norms(x, cdt)
+    winv = inverse_norms(W, cdt)
+    c_y = ((x.to(cdt) * W[y_safe].to(cdt)).sum(dim=1) * xinv * winv[y_safe]).clamp(-1.0, 1.0)
+    topv, topi = kernels.npt_forward(x, W, xinv, winv, y_lab, opts.k, tile)
+    hinge = topv - c_y[:, None] + opts.delta
+    rows = 2.0 * opts.r ** 2 * torch.relu(hinge).sum(dim=1)
+    rows = _nan_if_any_nan(winv, rows)  # a streaming top-k may skip a NaN cosine; torch.topk ranks it first
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    return rows, (x, W, y_safe, xinv, winv, topi, hinge, valid)
+
+
+def npt_backward_grads(grad_rows, saved, opts: NPTOptions, need_dx: bool, need_dW: bool):
+    """NPT's sparse backward: only the ``k`` selected columns and the label column carry gradient."""
+    x, W, y_safe, xinv, winv, topi, hinge, valid = saved
+    cdt = xinv.dtype
+    gl = torch.where(valid, grad_rows.to(cdt), torch.zeros_like(xinv))
+    # a slot a kernel left empty (index −1: no candidate beat −inf, e.g. a NaN row) carries nothing
+    found = topi >= 0
+    coef = 2.0 * opts.r ** 2 * gl[:, None] * ((hinge > 0) & found).to(cdt)  # [B, k] on c_bj
+    cols = torch.cat([torch.where(found, topi, y_safe[:, None]), y_safe[:, None]], dim=1)  # [B, k+1]
+    # dℓ/dc on the label column is −Σ coef; the clamp blocks columns whose raw cosine left [-1, 1]
+    dc = torch.cat([coef, -coef.sum(dim=1, keepdim=True)], dim=1)
+    Wg = W[cols].to(cdt)  # [B, k+1, D]
+    xh = x.to(cdt) * xinv[:, None]
+    raw = torch.einsum("bd,bjd->bj", xh, Wg) * winv[cols]
+    dc = dc * ((raw >= -1.0) & (raw <= 1.0)).to(cdt)
+    dx = dW = None
+    if need_dx:
+        Gx = torch.einsum("bj,bjd->bd", dc * winv[cols], Wg)
+        dx = x_jacobian(x, xinv, Gx).to(x.dtype)
+    if need_dW:
+        wh = Wg * winv[cols][..., None]
+        Gw = dc[..., None] * xh[:, None, :]  # [B, k+1, D], one contribution per (row, column)
+        contrib = (Gw - (Gw * wh).sum(-1, keepdim=True) * wh) * winv[cols][..., None]
+        acc = torch.zeros(W.shape, dtype=cdt if W.dtype != cdt else W.dtype, device=W.device)
+        # bitwise reproducible without torch.use_deterministic_algorithms: on CUDA index_add_ uses
+        # atomics while index_put_(accumulate=True) sorts the indices and sums each class in order;
+        # on CPU it is the other way round
+        idx, val = cols.reshape(-1), contrib.reshape(-1, W.shape[1])
+        if acc.is_cuda:
+            acc.index_put_((idx,), val, accumulate=True)
+        else:
+            acc.index_add_(0, idx, val)
+        dW = acc.to(W.dtype)
+    return dx, dW
+
+
 class NPTFunction(torch.autograd.Function):
     """Per-row NPT losses ``[B]`` (0 on ignored rows). The backward is sparse and needs no pass
     over the classes: only the ``k`` selected columns and the label column carry gradient."""
 
     @staticmethod
     def forward(ctx, x, W, y, opts: NPTOptions, kernels, tile: int):
-        cdt = compute_dtype(x, W)
-        x = x.contiguous()
-        W = W.contiguous()
-        valid = y != opts.ignore_index
-        y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
-        y_safe = y_lab.clamp(min=0)
-        xinv = inverse_norms(x, cdt)
-        winv = inverse_norms(W, cdt)
-        c_y = ((x.to(cdt) * W[y_safe].to(cdt)).sum(dim=1) * xinv * winv[y_safe]).clamp(-1.0, 1.0)
-        topv, topi = kernels.npt_forward(x, W, xinv, winv, y_lab, opts.k, tile)
-        hinge = topv - c_y[:, None] + opts.delta
-        rows = 2.0 * opts.r ** 2 * torch.relu(hinge).sum(dim=1)
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
-        ctx.save_for_backward(x, W, y_safe, xinv, winv, topi, hinge, valid)
+        rows, saved = npt_forward_rows(x, W, y, opts, kernels, tile)
+        ctx.save_for_backward(*saved)
         ctx.opts = opts
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        x, W, y_safe, xinv, winv, topi, hinge, valid = ctx.saved_tensors
-        opts = ctx.opts
-        need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        cdt = xinv.dtype
-        gl = torch.where(valid, grad_rows.to(cdt), torch.zeros_like(xinv))
-        coef = 2.0 * opts.r ** 2 * gl[:, None] * (hinge > 0).to(cdt)  # [B, k] on c_bj
-        cols = torch.cat([topi, y_safe[:, None]], dim=1)  # [B, k+1]
-        # dℓ/dc on the label column is −Σ coef; the clamp blocks columns whose raw cosine left [-1, 1]
-        dc = torch.cat([coef, -coef.sum(dim=1, keepdim=True)], dim=1)
-        Wg = W[cols].to(cdt)  # [B, k+1, D]
-        xh = x.to(cdt) * xinv[:, None]
-        raw = torch.einsum("bd,bjd->bj", xh, Wg) * winv[cols]
-        dc = dc * ((raw >= -1.0) & (raw <= 1.0)).to(cdt)
-        dx = dW = None
-        if need_dx:
-            Gx = torch.einsum("bj,bjd->bd", dc * winv[cols], Wg)
-            dx = x_jacobian(x, xinv, Gx).to(x.dtype)
-        if need_dW:
-            wh = Wg * winv[cols][..., None]
-            Gw = dc[..., None] * xh[:, None, :]  # [B, k+1, D], one contribution per (row, column)
-            contrib = (Gw - (Gw * wh).sum(-1, keepdim=True) * wh) * winv[cols][..., None]
-            acc = torch.zeros(W.shape, dtype=cdt if W.dtype != cdt else W.dtype, device=W.device)
-            acc.index_add_(0, cols.reshape(-1), contrib.reshape(-1, W.shape[1]))
-            dW = acc.to(W.dtype)
+        dx, dW = npt_backward_grads(grad_rows, ctx.saved_tensors, ctx.opts,
+                                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dx, dW, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops: what the public API calls, and what torch.compile sees
+# ---------------------------------------------------------------------------------------------
+#
+# Dynamo would unroll the Python tile loop of the torch kernels (one graph node per tile op, a
+# graph that grows with C) and cannot trace the backend lookup. So the engine is registered as
+# custom ops: the compiler sees one opaque op per pass, with a shape-only fake kernel, and the tile
+# loop runs eagerly inside it. Non-tensor options travel as scalars and strings (the backend by
+# name, resolved to its kernels module inside the op); margins as per-row tensors ``[B]``.
+# ``margin_softmax_fwd`` returns what its backward needs besides its inputs; those extra outputs
+# are marked non-differentiable.
+
+def _kernels_of(backend: str, device: torch.device):
+    from ._backends import resolve  # at call time: resolving imports the optional backends
+    name, kernels = resolve(backend, device)
+    if kernels is None:
+        raise ValueError(f"backend={backend!r} has no fused kernels; the registered ops run the fused backends only")
+    return kernels
+
+
+def _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index) -> MarginOptions:
+    return MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
+                         grad_mode=grad_mode, reduction="none", ignore_index=ignore_index)
+
+
+@torch.library.custom_op("fusedface::margin_softmax_fwd", mutates_args=())
+def margin_softmax_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m2: torch.Tensor, m3: torch.Tensor,
+                       backend: str, scale: float, m1: float, theta_policy: str, negative: str, t: float,
+                       grad_mode: str, ignore_index: int, tile: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows [B], pred [B] i64, sv [B] i32, lse [B], f [B], slope [B], xinv [B], winv [C])``;
+    the float outputs are in the accumulation dtype (fp32, fp64 when an input is fp64)."""
+    opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index)
+    rows, pred, sv, saved = margin_forward_rows(x, W, y, m2, m3, opts, _kernels_of(backend, x.device), tile)
+    _, _, _, xinv, winv, f, slope, lse, _ = saved
+    cdt = rows.dtype
+    return (rows, pred.to(torch.long), sv.to(torch.int32), lse.to(cdt), f, slope, xinv, winv)
+
+
+@margin_softmax_fwd.register_fake
+def _(x, W, y, m2, m3, backend, scale, m1, theta_policy, negative, t, grad_mode, ignore_index, tile):
+    cdt = compute_dtype(x, W)
+    B, C = x.shape[0], W.shape[0]
+    vec = [x.new_empty(B, dtype=cdt) for _ in range(5)]
+    return (vec[0], x.new_empty(B, dtype=torch.long), x.new_empty(B, dtype=torch.int32), vec[1], vec[2],
+            vec[3], vec[4], W.new_empty(C, dtype=cdt))
+
+
+@torch.library.custom_op("fusedface::margin_softmax_bwd", mutates_args=())
+def margin_softmax_bwd(grad_rows: torch.Tensor, x: torch.Tensor, W: torch.Tensor, y: torch.Tensor,
+                       lse: torch.Tensor, f: torch.Tensor, slope: torch.Tensor, xinv: torch.Tensor,
+                       winv: torch.Tensor, backend: str, scale: float, m1: float, theta_policy: str,
+                       negative: str, t: float, grad_mode: str, ignore_index: int, tile: int,
+                       need_dx: int, need_dW: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dx [B, D] in x's dtype, dL/dW [C, D] in W's dtype)``; a gradient that is not needed
+    comes back as an empty tensor."""
+    opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index)
+    valid = y != ignore_index
+    y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
+    saved = (x.contiguous(), W.contiguous(), y_lab, xinv, winv, f, slope, lse, valid)
+    dx, dW = margin_backward_grads(grad_rows, saved, opts, _kernels_of(backend, x.device), tile,
+                                   bool(need_dx), bool(need_dW))
+    return (dx if dx is not None else x.new_empty(0)), (dW if dW is not None else W.new_empty(0))
+
+
+@margin_softmax_bwd.register_fake
+def _(grad_rows, x, W, y, lse, f, slope, xinv, winv, backend, scale, m1, theta_policy, negative, t,
+      grad_mode, ignore_index, tile, need_dx, need_dW):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
+    dW = torch.empty_like(W, memory_format=torch.contiguous_format) if need_dW else W.new_empty(0)
+    return dx, dW
+
+
+_MARGIN_SCALARS = slice(5, 14)  # backend … tile among margin_softmax_fwd's inputs
+
+
+def _margin_setup_context(ctx, inputs, output):
+    x, W, y = inputs[:3]
+    rows, pred, sv, lse, f, slope, xinv, winv = output
+    ctx.save_for_backward(x, W, y, lse, f, slope, xinv, winv)
+    ctx.scalars = inputs[_MARGIN_SCALARS]
+    ctx.mark_non_differentiable(pred, sv, lse, f, slope, xinv, winv)
+
+
+def _margin_backward(ctx, grad_rows, *_):
+    need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dx or need_dW):
+        return (None,) * 14
+    x, W, y, lse, f, slope, xinv, winv = ctx.saved_tensors
+    dx, dW = torch.ops.fusedface.margin_softmax_bwd(grad_rows, x, W, y, lse, f, slope, xinv, winv,
+                                                    *ctx.scalars, int(need_dx), int(need_dW))
+    return (dx if need_dx else None, dW if need_dW else None) + (None,) * 12
+
+
+margin_softmax_fwd.register_autograd(_margin_backward, setup_context=_margin_setup_context)
+
+
+@torch.library.custom_op("fusedface::npt_fwd", mutates_args=())
+def npt_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, backend: str, delta: float, k: int, r: float,
+            ignore_index: int, tile: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows [B], topi [B, k] i64, hinge [B, k], xinv [B], winv [C])`` (floats in the accumulation dtype)."""
+    opts = NPTOptions(delta=delta, k=k, r=r, reduction="none", ignore_index=ignore_index)
+    rows, saved = npt_forward_rows(x, W, y, opts, _kernels_of(backend, x.device), tile)
+    _, _, _, xinv, winv, topi, hinge, _ = saved
+    return rows, topi.to(torch.long), hinge, xinv, winv
+
+
+@npt_fwd.register_fake
+def _(x, W, y, backend, delta, k, r, ignore_index, tile):
+    cdt = compute_dtype(x, W)
+    B, C = x.shape[0], W.shape[0]
+    return (x.new_empty(B, dtype=cdt), x.new_empty(B, k, dtype=torch.long), x.new_empty(B, k, dtype=cdt),
+            x.new_empty(B, dtype=cdt), W.new_empty(C, dtype=cdt))
+
+
+def _npt_setup_context(ctx, inputs, output):
+    x, W, y, backend, delta, k, r, ignore_index, tile = inputs
+    rows, topi, hinge, xinv, winv = output
+    ctx.save_for_backward(x, W, y, topi, hinge, xinv, winv)
+    ctx.opts = NPTOptions(delta=delta, k=k, r=r, reduction="none", ignore_index=ignore_index)
+    ctx.mark_non_differentiable(topi, hinge, xinv, winv)
+
+
+def _npt_backward(ctx, grad_rows, *_):
+    x, W, y, topi, hinge, xinv, winv = ctx.saved_tensors
+    valid = y != ctx.opts.ignore_index
+    y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
+    saved = (x, W, y_safe, xinv, winv, topi, hinge, valid)
+    dx, dW = npt_backward_grads(grad_rows, saved, ctx.opts, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    return (dx, dW) + (None,) * 7
+
+
+npt_fwd.register_autograd(_npt_backward, setup_context=_npt_setup_context)
+
+REGISTERED_OPS = ("fusedface::margin_softmax_fwd", "fusedface::margin_softmax_bwd", "fusedface::npt_fwd")

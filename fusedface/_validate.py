@@ -3,9 +3,17 @@
 Checks that need a value from the device (labels in range, finite embeddings) cost a host
 synchronisation on a GPU. They always run on CPU tensors (where they are free) and run on GPU
 tensors only when :func:`fusedface.set_input_checks` turned them on, so the default GPU hot path
-never synchronises.
+never synchronises. Under ``torch.compile`` the same value checks become ``torch._assert_async``
+(a check inside the compiled graph, no graph break): the error then carries the message without
+the offending row, which eager mode adds.
+
+Mixed floating dtypes (say fp16 embeddings and fp32 centres) are accepted: every backend computes
+in fp32 (fp64 when either input is fp64), the loss comes back in that dtype, and each gradient
+comes back in its own input's dtype (docs/guarantees.md).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -23,6 +31,27 @@ def input_checks_enabled() -> bool:
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKEND_NAMES = ("auto", "reference", "torch", "native", "triton")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _fail_if_any(bad: torch.Tensor, message: str, detail=None) -> None:
+    """Raises ``ValueError(message + detail())`` when ``bad`` holds a True (a host sync in eager
+    mode; under ``torch.compile`` an assertion inside the graph instead of a graph break)."""
+    if _compiling():
+        torch._assert_async(~bad.any(), message)
+        return
+    if bool(bad.any()):
+        raise ValueError(message + (detail() if detail is not None else ""))
+
+
+def check_backend_name(backend) -> None:
+    """The name alone (availability is checked where the kernels are resolved)."""
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend={backend!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}")
 
 
 def check_embeddings_and_centres(x: torch.Tensor, W: torch.Tensor) -> None:
@@ -45,6 +74,8 @@ def check_embeddings_and_centres(x: torch.Tensor, W: torch.Tensor) -> None:
         raise ValueError("x (embeddings) is an empty batch (B = 0); pass at least one row")
     if W.shape[0] == 0:
         raise ValueError("W (class centres) has no classes (C = 0)")
+    if x.shape[1] == 0:
+        raise ValueError("x and W have no features (D = 0); embeddings need at least one dimension")
     if x.dtype not in _FLOATS:
         raise TypeError(f"x (embeddings) must be floating point (fp16, bf16, fp32 or fp64), got {x.dtype}")
     if W.dtype not in _FLOATS:
@@ -52,10 +83,10 @@ def check_embeddings_and_centres(x: torch.Tensor, W: torch.Tensor) -> None:
     if x.device != W.device:
         raise ValueError(f"x is on {x.device} but W is on {W.device}; move both to the same device")
     if input_checks_enabled():
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x (embeddings) holds NaN or Inf values (input checks are on); check the backbone")
-        if not bool(torch.isfinite(W).all()):
-            raise ValueError("W (class centres) holds NaN or Inf values (input checks are on)")
+        _fail_if_any(~torch.isfinite(x), "x (embeddings) holds NaN or Inf values (input checks are on); "
+                     "check the backbone (or its fp16 overflow) upstream of the loss")
+        _fail_if_any(~torch.isfinite(W), "W (class centres) holds NaN or Inf values (input checks are on); "
+                     "a diverged optimiser step or a bad checkpoint wrote them")
 
 
 def check_labels(y: torch.Tensor, B: int, C: int, ignore_index: int, device: torch.device) -> None:
@@ -69,11 +100,13 @@ def check_labels(y: torch.Tensor, B: int, C: int, ignore_index: int, device: tor
         raise ValueError(f"y (labels) is on {y.device} but x is on {device}; move the labels with y.to(x.device)")
     if y.device.type == "cpu" or input_checks_enabled():
         bad = (y != ignore_index) & ((y < 0) | (y >= C))
-        if bool(bad.any()):
+
+        def detail():
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"y (labels) holds {int(bad.sum())} value(s) outside [0, C={C}) that are not "
-                f"ignore_index={ignore_index}; first at row {i}: {int(y[i])}")
+            return f": {int(bad.sum())} of them, first at row {i}: {int(y[i])}"
+
+        _fail_if_any(bad, f"y (labels) holds value(s) outside [0, C={C}) that are not "
+                     f"ignore_index={ignore_index}; labels index the rows of W", detail)
 
 
 def check_row_margin(name: str, m, B: int, device: torch.device):
@@ -88,9 +121,12 @@ def check_row_margin(name: str, m, B: int, device: torch.device):
         if m.device != device:
             raise ValueError(f"{name} is on {m.device} but x is on {device}; move it to x's device")
         return m
-    if isinstance(m, bool):
-        raise TypeError(f"{name} must be a float or a Tensor[B], got a bool")
+    if isinstance(m, (bool, str, bytes)):
+        raise TypeError(f"{name} must be a float or a Tensor[B], got {type(m).__name__} {m!r}")
     try:
-        return float(m)
+        m = float(m)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a float or a Tensor[B], got {type(m).__name__}") from None
+    if not _compiling() and not math.isfinite(m):  # (under torch.compile a margin schedule is symbolic)
+        raise ValueError(f"{name} must be finite, got {m}")
+    return m

@@ -12,9 +12,10 @@ import torch
 
 from . import reference as R
 from ._backends import resolve
-from ._engine import MarginSoftmaxFunction, NPTFunction, choose_tile
+from ._engine import choose_tile
 from ._options import MarginOptions, NPTOptions
-from ._validate import check_embeddings_and_centres, check_labels, check_row_margin
+from ._validate import check_backend_name, check_embeddings_and_centres, check_labels, check_row_margin
+from .reference import compute_dtype, row_margin
 
 __all__ = ["margin_softmax_loss", "npt_loss", "otface_loss"]
 
@@ -23,17 +24,30 @@ def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0, *, b
                               tile_size=None, tile_budget=None):
     """The loss and per-row statistics ``{"pred", "sv_count", "valid"}`` (used by the heads)."""
     check_embeddings_and_centres(x, W)
-    name, kernels = resolve(backend, x.device)
-    if kernels is None:
+    name = _backend_name(backend, x.device)
+    if name == "reference":
         return R.margin_softmax_with_stats(x, W, y, opts, m2=m2, m3=m3)
     B, C = x.shape[0], W.shape[0]
     check_labels(y, B, C, opts.ignore_index, x.device)
     m2 = check_row_margin("m2", m2, B, x.device)
     m3 = check_row_margin("m3", m3, B, x.device)
     tile = choose_tile(B, x.shape[1], C, tile_budget, tile_size)
-    rows, pred, sv = MarginSoftmaxFunction.apply(x, W, y, m2, m3, opts, kernels, tile)
+    cdt = compute_dtype(x, W)
+    rows, pred, sv, *_ = torch.ops.fusedface.margin_softmax_fwd(
+        x, W, y, row_margin(m2, B, x.device, cdt), row_margin(m3, B, x.device, cdt), name, opts.scale, opts.m1,
+        opts.theta_policy, opts.negative, opts.t, opts.grad_mode, opts.ignore_index, tile)
     valid = y != opts.ignore_index
     return R._reduce(rows, valid, opts.reduction), {"pred": pred, "sv_count": sv, "valid": valid}
+
+
+def _backend_name(backend, device: torch.device) -> str:
+    """The backend that will run: resolved (and its availability checked) in eager mode; under
+    ``torch.compile`` only the name is checked here and the registered op resolves it when it runs
+    (resolving imports the optional backends, which Dynamo does not trace)."""
+    check_backend_name(backend)
+    if torch.compiler.is_compiling():
+        return backend
+    return resolve(backend, device)[0]
 
 
 def margin_softmax_loss(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
@@ -55,15 +69,15 @@ def npt_loss(x, W, y, *, delta=0.5, k=1, r=1.0, reduction="mean", ignore_index=-
     """NPT-Loss (Khalid et al. 2021); formula in :func:`fusedface.reference.npt_loss`."""
     opts = NPTOptions(delta=delta, k=k, r=r, reduction=reduction, ignore_index=ignore_index)
     check_embeddings_and_centres(x, W)
-    name, kernels = resolve(backend, x.device)
-    if kernels is None:
+    name = _backend_name(backend, x.device)
+    if name == "reference":
         return R.npt_loss(x, W, y, delta=delta, k=k, r=r, reduction=reduction, ignore_index=ignore_index)
     B, C = x.shape[0], W.shape[0]
     check_labels(y, B, C, opts.ignore_index, x.device)
     if opts.k > C - 1:
         raise ValueError(f"k={opts.k} nearest negative proxies need at least k + 1 classes, W has C={C}; use k <= {C - 1}")
     tile = choose_tile(B, x.shape[1], C, None, tile_size)
-    rows = NPTFunction.apply(x, W, y, opts, kernels, tile)
+    rows = torch.ops.fusedface.npt_fwd(x, W, y, name, opts.delta, opts.k, opts.r, opts.ignore_index, tile)[0]
     return R._reduce(rows, y != opts.ignore_index, opts.reduction)
 
 

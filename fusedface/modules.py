@@ -15,6 +15,7 @@ from torch import nn
 from . import functional as FF
 from . import reference as R
 from ._options import MarginOptions, NPTOptions
+from ._validate import check_embeddings_and_centres, check_labels
 
 __all__ = [
     "MarginSoftmaxHead", "ArcFace", "CosFace", "CombinedMargin", "SphereFace", "ElasticArcFace",
@@ -40,6 +41,12 @@ class _ClassCentres(nn.Module):
     def reset_parameters(self) -> None:
         """Normal init, as InsightFace's heads (the scale of W does not matter: rows are normalised)."""
         nn.init.normal_(self.weight, std=0.01)
+
+    def _check(self, x, y, ignore_index: int) -> None:
+        """The boundary checks of the functional API, before a head uses the labels itself
+        (KappaFace's statistics, its per-class margins, ElasticFace+'s target cosines)."""
+        check_embeddings_and_centres(x, self.weight)
+        check_labels(y, x.shape[0], self.out_features, ignore_index, x.device)
 
     def _record(self, y, stats):
         valid = stats["valid"]
@@ -72,6 +79,7 @@ class MarginSoftmaxHead(_ClassCentres):
         return self.m2, self.m3
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._check(embeddings, labels, self.options.ignore_index)
         m2, m3 = self.row_margins(embeddings, labels)
         loss, stats = FF.margin_softmax_with_stats(embeddings, self.weight, labels, self.options, m2, m3,
                                                    backend=self.backend)
@@ -137,6 +145,11 @@ class _Elastic(MarginSoftmaxHead):
         self.plus = bool(plus)
         self.generator = generator
 
+    def __setattr__(self, name, value):
+        if name == "generator":  # reachable by id from a compiled step (reference.normal_draws)
+            R.register_generator(value)
+        super().__setattr__(name, value)
+
     def row_margins(self, x, y):
         ignore = self.options.ignore_index
         valid = y != ignore
@@ -151,11 +164,18 @@ class _Elastic(MarginSoftmaxHead):
         return (m, 0.0) if self._slot == "m2" else (0.0, m)
 
     def get_extra_state(self):
-        return {"generator_state": self.generator.get_state() if self.generator is not None else None}
+        if self.generator is None:
+            return {"generator_state": None}
+        return {"generator_state": self.generator.get_state(), "generator_device": self.generator.device.type}
 
     def set_extra_state(self, state):
-        if state and state.get("generator_state") is not None and self.generator is not None:
-            self.generator.set_state(state["generator_state"])
+        """Restores the draw stream; a head built without a generator gets one (on the saved
+        device type), so the loaded head continues the saved stream instead of the global RNG."""
+        if not state or state.get("generator_state") is None:
+            return
+        if self.generator is None:
+            self.generator = torch.Generator(device=state.get("generator_device", "cpu"))
+        self.generator.set_state(state["generator_state"])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend!r}, "
@@ -218,6 +238,7 @@ class KappaFace(MarginSoftmaxHead):
     @torch.no_grad()
     def update_statistics(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Accumulate ``S_c += Σ x̂_b`` and ``n_c`` over the rows labelled c (ignored rows skipped)."""
+        self._check(x, y, self.options.ignore_index)
         valid = y != self.options.ignore_index
         y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
         xn = torch.nn.functional.normalize(x.detach().float(), dim=1, eps=R.EPS_NORM) * valid[:, None]

@@ -16,6 +16,7 @@ their pass over the classes: only the ``[B, C]`` work differs between backends.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -201,13 +202,52 @@ def npt_loss(x, W, y, *, delta=0.5, k=1, r=1.0, reduction="mean", ignore_index=-
 
 # ---------------------------------------------------------------- ElasticFace (SPEC §3)
 
+_GENERATORS: "weakref.WeakValueDictionary[int, torch.Generator]" = weakref.WeakValueDictionary()
+_GENERATORS_HELD: "dict[int, torch.Generator]" = {}  # strong references (a few generators per process)
+
+
+def register_generator(generator) -> None:
+    """Makes ``generator`` reachable by id from :func:`normal_draws` (the compiled path of
+    :func:`elastic_draws`); the heads call it when a generator is assigned."""
+    if generator is not None:
+        try:
+            _GENERATORS[id(generator)] = generator
+        except TypeError:  # torch releases whose Generator takes no weak reference: keep it alive
+            _GENERATORS_HELD[id(generator)] = generator
+
+
+@torch.library.custom_op("fusedface::normal_draws", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def normal_draws(n: int, device: torch.device, generator_id: int) -> torch.Tensor:
+    """``n`` fp32 draws of N(0, 1) from the registered generator ``generator_id``.
+
+    Dynamo cannot pass a ``torch.Generator`` into a graph; this op takes its id instead and draws
+    eagerly, so a compiled ElasticFace step consumes the same stream as an eager one (the
+    ``nondeterministic_seeded`` tag keeps the compiler from merging or re-running draws)."""
+    generator = _GENERATORS.get(generator_id) or _GENERATORS_HELD.get(generator_id)
+    if generator is None:
+        raise RuntimeError("the ElasticFace generator was not registered before torch.compile traced the head: "
+                           "assign it with `head.generator = g` (or pass generator= to the constructor)")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(f"generator is on {generator.device} but the draws are for {device}; "
+                         f"create it with torch.Generator(device={torch.device(device).type!r})")
+    return torch.randn(n, generator=generator, device=device, dtype=torch.float32)
+
+
+@normal_draws.register_fake
+def _(n, device, generator_id):
+    return torch.empty(n, device=device, dtype=torch.float32)
+
+
 def elastic_draws(batch: int, mean: float, std: float, *, generator=None, device=None, dtype=torch.float32):
     """ElasticFace margins (Boutros et al. 2022): ``E_b ~ N(mean, std²)`` per row, not clamped."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the draws are for {device}; "
-                         f"create it with torch.Generator(device={device.type!r})")
-    draws = torch.randn(batch, generator=generator, device=device, dtype=torch.float32)
+    if generator is not None and torch.compiler.is_compiling():
+        draws = torch.ops.fusedface.normal_draws(batch, device, id(generator))
+    else:
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but the draws are for {device}; "
+                             f"create it with torch.Generator(device={device.type!r})")
+        draws = torch.randn(batch, generator=generator, device=device, dtype=torch.float32)
     return (draws * std + mean).to(dtype)
 
 
