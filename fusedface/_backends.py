@@ -1,6 +1,7 @@
 """Which backends exist in this installation, and how ``backend="auto"`` picks one."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -9,6 +10,7 @@ import torch
 BACKENDS = ("reference", "torch", "native", "triton")
 
 
+@functools.cache  # resolved once per process: a failed import is not retried every call
 def _native_module():
     try:
         return importlib.import_module("fusedface._C")
@@ -16,6 +18,7 @@ def _native_module():
         return None
 
 
+@functools.cache
 def _native_kernels():
     if _native_module() is None:
         return None
@@ -25,6 +28,7 @@ def _native_kernels():
         return None
 
 
+@functools.cache
 def _triton_kernels():
     try:
         importlib.import_module("triton")

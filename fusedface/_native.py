@@ -1,0 +1,191 @@
+"""``backend="native"``: the tile kernels of :mod:`fusedface._engine` in C++ (``csrc/``).
+
+Importing this module needs the compiled ``fusedface._C`` (``fusedface._backends`` checks that
+first); it registers the dispatcher ops
+
+* ``fusedface::native_margin_forward(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block)``
+  ``-> (lse, pred, sv, block)``
+* ``fusedface::native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, block?, scale, a, b, tile,``
+  ``need_dx, need_dW, fast_grad) -> (Gx, dW)``
+* ``fusedface::native_npt_forward(x, W, xinv, winv, y, k, tile) -> (values, index)``
+
+with CPU kernels (and CUDA kernels when ``fusedface._C`` was built with them), and adds their fake
+(shape-only) kernels here, so ``torch.compile`` traces through them. The functions below have
+exactly the signatures and return dtypes of :mod:`fusedface._chunked`.
+
+``tile`` (the engine's memory-budget tile width) is an upper bound: the CPU code picks the width
+that keeps one tile buffer in a core's cache (``docs/native.md``).
+
+Environment:
+
+* ``FUSEDFACE_NATIVE_FAST_GRAD=1``: with bf16 ``x`` and ``W`` on CPU, the two gradient GEMMs of the
+  backward are bf16 GEMMs (``dℓ/dc`` and ``x̂`` rounded to bf16, each tile's partial product rounded
+  to bf16, accumulated in fp32), about twice as fast as the fp32 ones; gradients about twice the
+  default's error, like autocast training. Default ``0`` keeps fp32-grade gradients (the contract of
+  the other backends). Ignored on CUDA and for other dtypes.
+* ``FUSEDFACE_NATIVE_ONEDNN=0``: fp32 tile GEMMs through ``at::mm`` (MKL/OpenBLAS) instead of oneDNN.
+* ``FUSEDFACE_NATIVE_TILE_BYTES`` (default 524288), ``FUSEDFACE_NATIVE_ROW_BLOCK`` (default 1024):
+  the per-worker tile buffer and the rows per GEMM; ``FUSEDFACE_NATIVE_ONEDNN_BF16=0`` keeps even
+  the exact bf16 products on the fp32 GEMM.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: registers the fusedface::native_* ops)
+from ._engine import margin_prologue, x_jacobian
+from ._options import MarginOptions
+from .reference import compute_dtype
+
+name = "native"
+
+_OPS = torch.ops.fusedface
+
+
+def build_info() -> dict:
+    """What this build contains: ``{"cpu": "<code path>; threads …", "cuda": bool}``."""
+    return dict(_C.build_info())
+
+
+def cuda_built() -> bool:
+    """Whether ``fusedface._C`` was compiled with its CUDA kernels."""
+    return bool(_C.WITH_CUDA)
+
+
+def supports_device(device) -> bool:
+    """CPU always; CUDA when the CUDA kernels were built (and torch can see a GPU)."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return True
+    if dev.type == "cuda":
+        return cuda_built() and torch.cuda.is_available()
+    return False
+
+
+def fast_grad() -> int:
+    return 1 if os.environ.get("FUSEDFACE_NATIVE_FAST_GRAD", "0").strip() in ("1", "true", "yes", "on") else 0
+
+
+# ------------------------------------------------------------------ fake kernels (torch.compile)
+
+@torch.library.register_fake("fusedface::native_margin_forward")
+def _margin_forward_fake(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block):
+    B, C = x.shape[0], W.shape[0]
+    block = f.new_empty((C, B)) if keep_block else f.new_empty((0,))
+    return f.new_empty((B,)), y.new_empty((B,)), y.new_empty((B,), dtype=torch.int32), block
+
+
+@torch.library.register_fake("fusedface::native_margin_backward")
+def _margin_backward_fake(x, W, xinv, winv, y, f, lse, gl, dcy, block, scale, a, b, tile, need_dx, need_dW,
+                          fast_grad):
+    gx = f.new_empty(x.shape) if need_dx else f.new_empty((0,))
+    dw = W.new_empty(W.shape) if need_dW else W.new_empty((0,))
+    return gx, dw
+
+
+@torch.library.register_fake("fusedface::native_npt_forward")
+def _npt_forward_fake(x, W, xinv, winv, y, k, tile):
+    B = x.shape[0]
+    return xinv.new_empty((B, k)), y.new_empty((B, k))
+
+
+# ------------------------------------------------------------------ the three tile kernels
+
+def margin_forward(x, W, xinv, winv, y, f, opts, tile):
+    a, b = opts.rewrite
+    lse, pred, sv, _ = _OPS.native_margin_forward(x, W, xinv, winv, y, f, float(opts.scale), float(a), float(b),
+                                                  int(tile), 0)
+    return lse, pred, sv
+
+
+def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW):
+    a, b = opts.rewrite
+    Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, None, float(opts.scale), float(a),
+                                         float(b), int(tile), int(bool(need_dx)), int(bool(need_dW)), fast_grad())
+    return (Gx if need_dx else None), (dW if need_dW else None)
+
+
+def npt_forward(x, W, xinv, winv, y, k, tile):
+    return _OPS.native_npt_forward(x, W, xinv, winv, y, int(k), int(tile))
+
+
+# ------------------------------------------------------------------ the kept-block variant
+
+DEFAULT_BLOCK_BUDGET = 256 * 2**20  # bytes
+
+
+def block_fits(B: int, C: int, dtype: torch.dtype, budget: int | None = None) -> bool:
+    """Whether the ``[C, B]`` block of cosines (accumulation dtype) fits ``budget`` bytes."""
+    budget = DEFAULT_BLOCK_BUDGET if budget is None else int(budget)
+    elt = 8 if dtype == torch.float64 else 4
+    return B * C * elt <= budget
+
+
+class KeptBlockMarginSoftmax(torch.autograd.Function):
+    """The margin-softmax pass that keeps the ``[C, B]`` cosines of the forward for the backward,
+    which then skips the recomputing GEMM: three matrix products per step instead of four, at the
+    price of ``4·B·C`` bytes (fp32) held between forward and backward. Same prologue, saved
+    values and Jacobians as :class:`fusedface._engine.MarginSoftmaxFunction`."""
+
+    @staticmethod
+    def forward(ctx, x, W, y, m2, m3, opts: MarginOptions, tile: int):
+        cdt = compute_dtype(x, W)
+        x = x.contiguous()
+        W = W.contiguous()
+        valid, y_lab, xinv, winv, c_y, f, slope = margin_prologue(x, W, y, opts, m2, m3, cdt)
+        a, b = opts.rewrite
+        lse, pred, sv, block = _OPS.native_margin_forward(x, W, xinv, winv, y_lab, f, float(opts.scale), float(a),
+                                                          float(b), int(tile), 1)
+        rows = torch.where(valid, lse - opts.scale * f, torch.zeros_like(lse))
+        ctx.save_for_backward(x, W, y_lab, xinv, winv, f, slope, lse, valid, block)
+        ctx.opts, ctx.tile = opts, tile
+        ctx.mark_non_differentiable(pred, sv)
+        return rows, pred, sv
+
+    @staticmethod
+    def backward(ctx, grad_rows, _gp, _gs):
+        x, W, y_lab, xinv, winv, f, slope, lse, valid, block = ctx.saved_tensors
+        opts = ctx.opts
+        need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dx or need_dW):
+            return (None,) * 7
+        gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
+        p_y = torch.exp(opts.scale * f - lse)
+        dcy = opts.scale * (p_y - 1.0) * gl * slope
+        a, b = opts.rewrite
+        Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, block, float(opts.scale),
+                                             float(a), float(b), int(ctx.tile), int(need_dx), int(need_dW),
+                                             fast_grad())
+        dx = x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
+        return dx, (dW if need_dW else None), None, None, None, None, None
+
+
+def margin_softmax_loss_kept_block(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
+                                   negative="none", t=0.0, grad_mode="exact", reduction="mean", ignore_index=-1,
+                                   tile_size=None, budget=None):
+    """:func:`fusedface.functional.margin_softmax_loss` on the native backend, keeping the
+    ``[C, B]`` block of cosines between forward and backward when it fits ``budget`` bytes
+    (default 256 MiB); raises ``ValueError`` when it does not (use the recomputing default then)."""
+    from . import reference as R
+    from ._engine import choose_tile
+    from ._validate import check_embeddings_and_centres, check_labels, check_row_margin
+
+    opts = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
+                         grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
+    check_embeddings_and_centres(x, W)
+    B, C = x.shape[0], W.shape[0]
+    if not block_fits(B, C, compute_dtype(x, W), budget):
+        raise ValueError(f"the [C={C}, B={B}] block of cosines does not fit budget={budget or DEFAULT_BLOCK_BUDGET} "
+                         "bytes; raise the budget or use fusedface.functional.margin_softmax_loss (recomputing)")
+    check_labels(y, B, C, opts.ignore_index, x.device)
+    m2 = check_row_margin("m2", m2, B, x.device)
+    m3 = check_row_margin("m3", m3, B, x.device)
+    tile = choose_tile(B, x.shape[1], C, None, tile_size)
+    rows, _, _ = KeptBlockMarginSoftmax.apply(x, W, y, m2, m3, opts, tile)
+    return R._reduce(rows, y != opts.ignore_index, opts.reduction)
+
+
+__all__ = ["name", "supports_device", "margin_forward", "margin_backward", "npt_forward", "build_info",
+           "cuda_built", "margin_softmax_loss_kept_block", "KeptBlockMarginSoftmax"]
