@@ -2,9 +2,25 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+
+# With no GPU the Triton kernels run on CPU tensors under Triton's interpreter, which triton chooses
+# when a function is decorated. torch._dynamo imports triton, so whichever test module imports dynamo
+# first would fix triton's standard library in compiled mode and test_triton.py could no longer run.
+# Import triton and fusedface's kernels once here, under the interpreter, before any test module;
+# the variable is then restored so the other modules see the environment they were given.
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+        import fusedface.triton_kernels.margin_softmax  # noqa: F401
+    except ImportError:  # triton missing: test_triton.py skips with that reason
+        pass
+    finally:
+        del os.environ["TRITON_INTERPRET"]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float = 0.0, name: str = ""):

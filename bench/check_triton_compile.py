@@ -1,0 +1,188 @@
+"""Compile every Triton kernel of fusedface in every shipped launch configuration for sm_80 and sm_90,
+without a GPU, and check the machine code: zero register spills and shared memory within the
+architecture's limit.
+
+    python bench/check_triton_compile.py [--arch 80 90] [--jobs N] [--json out.json]
+
+For each (kernel, launch config, dtype, arch): ``triton.compile(ASTSource(fn, signature, constexprs),
+target=GPUTarget("cuda", arch, 32))`` with the specialisation a real launch at B = D = 512 gets
+(pointers and 16-divisible integers marked ``tt.divisibility = 16``), then
+
+* registers, stack frame and local memory per thread from the cubin, read with the ``cuobjdump``
+  shipped inside the triton wheel (``cuobjdump --dump-resource-usage``); a non-zero stack frame or
+  local-memory size means spills (Triton kernels use no stack otherwise);
+* shared memory from the compiled kernel's metadata (``kernel.metadata.shared``), against the
+  per-block opt-in limit: 163 KiB on sm_80 (A100), 227 KiB on sm_90 (H100).
+
+Every kernel is compiled with its heaviest flags (support-vector rewrite on, ``dℓ/dc`` split into
+hi + lo, fp16 rescaling, NPT with k = 16), plus the fast-gradient and atomic variants of the
+gradient kernels. Prints a table and exits 1 on any spill, over-limit shared memory or compile error.
+Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces kernels by Python functions).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
+
+
+def _cuobjdump() -> str:
+    import triton
+    base = os.path.dirname(triton.__file__)
+    hits = sorted(glob.glob(os.path.join(base, "backends", "nvidia", "bin", "cuobjdump*")))
+    if not hits:
+        raise FileNotFoundError(f"no cuobjdump under {base}/backends/nvidia/bin (the triton wheel ships one)")
+    return hits[0]
+
+
+def _variants():
+    """(kernel, config name, dtype, flags) for every shipped configuration."""
+    from fusedface import _triton as T
+    out = []
+    for (arch, kern, prec), cfg in sorted(T.CONFIGS.items()):
+        if kern == "dw_fast":  # the dW config used with FUSEDFACE_TRITON_FAST_GRAD=1
+            for dt in ("bf16", "fp16"):
+                out.append((arch, "dw", cfg, dt, dict(NEGATIVE=1, CAST=0, UPCAST=0, PRECISION="ieee", SPLIT_DC=0,
+                                                      RESCALE=int(dt == "fp16"), RESIDENT=int(cfg.resident and 512 <= cfg.block_d),
+                                                      GRAD_T=int(cfg.grad_t), tag="fast")))
+            continue
+        dts = {"16": ["bf16", "fp16"], "32": ["fp32"], "64": ["fp64"]}[prec]
+        for dt in dts:
+            precision = ["ieee", "tf32", "tf32x3"] if dt == "fp32" else ["ieee"]
+            for p in precision:
+                flags = dict(NEGATIVE=1, CAST=0, UPCAST=0, PRECISION=p)
+                if kern in ("dx", "dw"):
+                    # RESIDENT as a launch at D = 512 sets it (one feature chunk covers D)
+                    flags.update(SPLIT_DC=int(dt in ("bf16", "fp16")), RESCALE=int(dt == "fp16"),
+                                 RESIDENT=int(cfg.resident and 512 <= cfg.block_d), GRAD_T=int(cfg.grad_t))
+                    if kern == "dx":
+                        flags["ATOMIC"] = 0
+                if kern == "npt":
+                    flags = dict(K=16, K_PAD=16, CAST=0, UPCAST=0, PRECISION=p)
+                out.append((arch, kern, cfg, dt, flags))
+                if kern == "dx" and dt in ("bf16", "fp16"):
+                    out.append((arch, kern, cfg, dt, dict(flags, SPLIT_DC=0, tag="fast")))
+                if kern == "dx" and dt == "bf16":
+                    out.append((arch, kern, cfg, dt, dict(flags, ATOMIC=1, tag="atomic")))
+                if kern in ("dx", "dw") and flags.get("RESIDENT"):  # D > block_d streams D instead
+                    out.append((arch, kern, cfg, dt, dict(flags, RESIDENT=0, tag="streamD")))
+    return out
+
+
+def _signature(kern: str, dt: str):
+    p = DTYPES[dt]
+    acc = "*fp64" if dt == "fp64" else "*fp32"
+    ptr_in = {"x_ptr": p, "w_ptr": p, "xinv_ptr": acc, "winv_ptr": acc, "y_ptr": "*i64"}
+    ints = {"B": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32"}
+    scal = {k: "fp32" for k in ("s_hi", "s_lo", "a_hi", "a_lo", "b_hi", "b_lo")}
+    if kern == "fwd":
+        sig = {**ptr_in, "f_ptr": acc, "m_ptr": acc, "l_ptr": acc, "best_ptr": acc, "arg_ptr": "*i64",
+               "sv_ptr": "*i32", **ints, "n_splits": "i32", **scal}
+    elif kern == "dx":
+        sig = {**ptr_in, "f_ptr": acc, "lse_ptr": acc, "gl_ptr": acc, "dcy_ptr": acc, "gx_ptr": acc,
+               **ints, "n_splits": "i32", **scal}
+    elif kern == "dw":
+        sig = {**ptr_in, "f_ptr": acc, "lse_ptr": acc, "gl_ptr": acc, "dcy_ptr": acc, "dw_ptr": p,
+               **ints, "stride_dw": "i32", **scal}
+    else:
+        sig = {**ptr_in, "val_ptr": acc, "idx_ptr": "*i64", **ints, "n_splits": "i32"}
+    return sig
+
+
+def compile_one(job):
+    arch, kern, cfg, dt, flags = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fusedface._triton import _KERNELS
+
+    fn = _KERNELS[kern]
+    flags = {k: v for k, v in flags.items() if k != "tag"}
+    consts = dict(flags, **cfg.meta())
+    sig = _signature(kern, dt)
+    full = {}
+    for name in fn.arg_names:
+        full[name] = "constexpr" if name in consts else sig[name]
+    missing = [n for n in fn.arg_names if n not in full]
+    assert not missing, missing
+    # a launch at B = D = 512 specialises pointers and 16-divisible ints
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if full[n].startswith("*") or n in ("B", "D", "stride_x", "stride_w", "stride_dw")}
+    t0 = time.time()
+    src = ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(k.asm["cubin"])
+        path = fh.name
+    try:
+        res = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(path)
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
+    if not m:
+        raise RuntimeError(f"cannot parse cuobjdump output: {res!r}")
+    reg, stack, _, local = (int(g) for g in m.groups())
+    return dict(kernel=kern, arch=f"sm_{arch}", dtype=dt, tag=job[4].get("tag", ""),
+                config=f"M{cfg.block_m} N{cfg.block_n} K{cfg.block_k}" + (f" D{cfg.block_d}" if cfg.block_d else "")
+                + f" w{cfg.num_warps} s{cfg.num_stages}",
+                flags=" ".join(f"{a}={b}" for a, b in flags.items() if a in ("PRECISION", "SPLIT_DC", "ATOMIC", "RESIDENT", "GRAD_T", "K")),
+                registers=reg, spill_bytes=stack + local, shared=int(k.metadata.shared),
+                shared_limit=SMEM_LIMIT[arch], seconds=round(time.time() - t0, 1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    jobs = [(int(a[2:]),) + v[1:] for v in _variants() for a in [v[0]] if int(a[2:]) in args.arch]
+    rows, failed = [], []
+    t0 = time.time()
+    with cf.ProcessPoolExecutor(max_workers=args.jobs) as ex:
+        futs = {ex.submit(compile_one, j): j for j in jobs}
+        for fut in cf.as_completed(futs):
+            j = futs[fut]
+            try:
+                rows.append(fut.result())
+            except Exception as exc:  # a compile error is a failure, reported with its job
+                failed.append((j, f"{type(exc).__name__}: {exc}"))
+    rows.sort(key=lambda r: (r["arch"], r["kernel"], r["dtype"], r["tag"], r["flags"]))
+    hdr = f"{'kernel':<5} {'arch':<6} {'dtype':<5} {'variant':<7} {'config':<26} {'flags':<48} {'regs':>4} {'spill':>5} {'smem KiB':>9} {'limit':>6}  ok"
+    print(hdr)
+    print("-" * len(hdr))
+    bad = 0
+    for r in rows:
+        ok = r["spill_bytes"] == 0 and r["shared"] <= r["shared_limit"]
+        bad += not ok
+        print(f"{r['kernel']:<5} {r['arch']:<6} {r['dtype']:<5} {r['tag'] or 'default':<7} {r['config']:<26} "
+              f"{r['flags']:<48} {r['registers']:>4} {r['spill_bytes']:>5} {r['shared'] / 1024:>9.1f} "
+              f"{r['shared_limit'] // 1024:>6}  {'yes' if ok else 'NO'}")
+    for j, err in failed:
+        print(f"COMPILE ERROR {j[1]} sm_{j[0]} {j[3]} {j[2]}: {err}")
+    print(f"{len(rows)} compiled, {len(failed)} failed to compile, {bad} over a limit "
+          f"({time.time() - t0:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(rows=rows, failed=[[str(j), e] for j, e in failed]), fh, indent=1)
+    return 1 if (failed or bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
