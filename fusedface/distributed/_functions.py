@@ -1,0 +1,549 @@
+"""The class-sharded fused pass (SPEC §8): gathered rows, one shard of classes per rank.
+
+Rank ``r`` of ``R`` owns the classes ``[lo, hi)`` of the contiguous balanced layout and the rows
+``W[lo:hi]``. One step of the margin softmax:
+
+1. **Gather** the embeddings and labels of every rank: ``x_all [B, D]``, ``y_all [B]`` with
+   ``B = Σ_r b_r`` (padded collectives, so batch sizes may differ between ranks).
+2. **Prologue, O(B·D) + one O(B) all-reduce.** The rank that owns row ``b``'s class computes
+   its raw target cosine ``x̂_b·ŵ_y`` (plus, for the heads that need them, ElasticFace+'s target
+   cosine and KappaFace's per-class margin); rank 0 adds ElasticFace's draws; a single all-reduce
+   (sum, with zeros from the other ranks, hence exact) gives every rank the same values. Every
+   rank then computes the same target value ``f_b`` and slope ``dT/dc`` for every row.
+3. **Pass.** ``kernels.margin_forward`` on the local shard with ``y_b − lo`` on the rows whose
+   class the rank owns and ``-1`` (no label column) elsewhere, and the GLOBAL ``f_b`` (which the
+   support-vector test of every column needs). Its ``lse`` covers the local columns only.
+4. **Merge, O(B) all-reduces.** ``lse = M + log Σ_r exp(lse_r − M)`` with ``M = max_r lse_r``;
+   the arg-max as (value, global index) — max of the values, then min of the indices that reach
+   it; the support-vector counts summed.
+5. **Backward.** The upstream row gradients are averaged over ranks (one O(B) all-reduce: the
+   gradient is that of the mean over ranks of the losses each rank back-propagates, which is the
+   global loss when every rank back-propagates it). ``kernels.margin_backward`` on the local
+   shard with the global ``lse`` and the target-column gradient ``dcy`` on owned rows (0
+   elsewhere) gives this shard's ``dL/dW`` (it never leaves the rank) and a partial ``Σ_k
+   dℓ/dc_bk·ŵ_k``; the x-side Jacobian is linear, so each rank applies it to its partial and a
+   reduce-scatter sums the partials and hands each rank its own rows.
+
+NPT (SPEC §4) replaces 3–4 by a streaming top-k on the shard, an all-gather of the ``k`` local
+candidates per row (O(B·k·R)) and a local top-k of the ``R·k`` candidates; its sparse backward
+runs on the ranks that own the selected columns and the label column.
+
+Partial FC (``sample_rate``) keeps, on each rank, every class of its shard that is a label in the
+global batch plus random others up to ``sample_rate·C_local``, runs the same pass on
+``W_shard[index]`` (an autograd ``index_select``: the gradient lands in the full shard's ``.grad``,
+so any optimiser works) with the labels remapped into the sample.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import reference as R
+from .._backends import resolve
+from .._engine import choose_tile, inverse_norms, x_jacobian
+from .._options import MarginOptions, NPTOptions
+from .._validate import _FLOATS, check_backend_name, check_labels, check_row_margin
+from ..reference import EPS_SIN2, compute_dtype, row_margin
+from ._comm import Comm, shard_range, shard_sizes
+
+__all__ = ["margin_softmax_loss", "npt_loss", "GlobalBatch", "gather_batch", "sample_classes", "target_rows"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the global batch
+
+
+@dataclass
+class GlobalBatch:
+    """The rows of every rank, gathered (no autograd: the Functions below carry the gradient).
+
+    ``y_shard``: ``y − lo`` on rows whose class this rank owns, ``-1`` elsewhere (ignored rows too)."""
+
+    x_all: torch.Tensor  # [B, D], contiguous
+    y_all: torch.Tensor  # [B] int64
+    valid: torch.Tensor  # [B] bool, label != ignore_index
+    y_shard: torch.Tensor  # [B] int64
+    sizes: list  # every rank's batch size
+    offset: int  # first row of this rank in the global batch
+    lo: int
+    hi: int
+    num_classes: int
+    rank: int
+
+    @property
+    def B(self) -> int:
+        return self.x_all.shape[0]
+
+    def local_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The part of a global-batch tensor ``[B, ...]`` that belongs to this rank's rows."""
+        return t[self.offset: self.offset + self.sizes[self.rank]]
+
+
+def check_local_batch(x, y, W) -> None:
+    """Boundary checks of a rank's own rows (an empty batch is allowed on a rank)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x (embeddings) must be a torch.Tensor of shape [b, D], got {type(x).__name__}")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y (labels) must be a torch.Tensor of shape [b], got {type(y).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x (embeddings) must be 2-D [b, D], got shape {tuple(x.shape)}; "
+                         "flatten the backbone output first")
+    if W.dim() != 2 or x.shape[1] != W.shape[1]:
+        raise ValueError(f"x has D={x.shape[1]} features but this rank's shard of W has shape {tuple(W.shape)}; "
+                         "W must be [C_local, D]")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x (embeddings) must be floating point (fp16, bf16, fp32 or fp64), got {x.dtype}")
+    if W.dtype not in _FLOATS:
+        raise TypeError(f"W (class centres) must be floating point (fp16, bf16, fp32 or fp64), got {W.dtype}")
+    if x.device != W.device:
+        raise ValueError(f"x is on {x.device} but W is on {W.device}; move both to the same device")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y (labels) must be 1-D of length b={x.shape[0]} (this rank's rows), "
+                         f"got shape {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
+        raise TypeError(f"y (labels) must be an integer tensor (torch.long), got {y.dtype}; use y.long()")
+    if y.device != x.device:
+        raise ValueError(f"y (labels) is on {y.device} but x is on {x.device}; move the labels with y.to(x.device)")
+
+
+def gather_batch(comm: Comm, x: torch.Tensor, y: torch.Tensor, num_classes: int, ignore_index: int,
+                 batch_sizes=None) -> GlobalBatch:
+    """All-gather this rank's ``x [b, D]`` and ``y [b]`` (any ``b``, also 0) into the global batch.
+
+    ``batch_sizes`` (every rank's ``b``, the same list on every rank) skips the all-gather of the
+    sizes and with it the host synchronisation that reading them costs."""
+    if batch_sizes is None:
+        sizes = comm.batch_sizes(x.shape[0], x.device)
+    else:
+        sizes = [int(s) for s in batch_sizes]
+        if len(sizes) != comm.world_size or sizes[comm.rank] != x.shape[0] or min(sizes) < 0:
+            raise ValueError(f"batch_sizes={list(batch_sizes)} must list the batch size of each of the "
+                             f"{comm.world_size} ranks; this rank (rank {comm.rank}) has {x.shape[0]} rows")
+    B = sum(sizes)
+    if B == 0:
+        raise ValueError("the global batch is empty (every rank passed 0 rows); pass at least one row")
+    with torch.no_grad():
+        x_all = comm.all_gather_rows(x.detach(), sizes).contiguous()
+        y_all = comm.all_gather_rows(y.detach().long(), sizes)
+    check_labels(y_all, B, num_classes, ignore_index, x.device)
+    valid = y_all != ignore_index
+    lo, hi = shard_range(num_classes, comm.world_size, comm.rank)
+    owned = valid & (y_all >= lo) & (y_all < hi)
+    y_shard = torch.where(owned, y_all - lo, torch.full_like(y_all, -1))
+    return GlobalBatch(x_all, y_all, valid, y_shard, sizes, sum(sizes[: comm.rank]), lo, hi, int(num_classes),
+                       comm.rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial FC
+
+
+def sample_classes(y_shard: torch.Tensor, num_local: int, sample_rate: float, generator=None):
+    """Partial FC (An et al. 2021/2022) on one shard: ``(index [k], y_sub [B])``.
+
+    ``index`` holds the local class ids kept, sorted: every class of the shard that is a label in
+    the global batch, plus uniformly random other classes up to ``k = max(⌊sample_rate·C_local⌋, 1)``
+    (or more, when the batch holds more positive classes than that). ``y_sub`` remaps the owned
+    labels into ``index`` (``-1`` stays ``-1``).
+
+    No host synchronisation when ``k ≥ min(B, C_local)`` (the positives then always fit, the usual
+    case: ``sample_rate·C_local`` is far larger than the batch); otherwise the number of positive
+    classes is read on the host to size the sample."""
+    if not (isinstance(sample_rate, (int, float)) and 0.0 < float(sample_rate) <= 1.0):
+        raise ValueError(f"sample_rate must be in (0, 1] (the fraction of each shard's classes kept), "
+                         f"got {sample_rate!r}")
+    device = y_shard.device
+    owned = y_shard >= 0
+    ys = y_shard.clamp(min=0)
+    hits = torch.zeros(num_local, dtype=torch.int32, device=device).index_add_(0, ys, owned.to(torch.int32))
+    positive = hits > 0
+    k = min(num_local, max(1, int(float(sample_rate) * num_local)))
+    if k < min(y_shard.shape[0], num_local):
+        k = max(k, int(positive.sum()))  # host sync: only when the batch could hold more positives than k
+    score = torch.rand(num_local, generator=generator, device=device)
+    score = torch.where(positive, torch.full_like(score, 2.0), score)  # positives rank above every draw in [0, 1)
+    index = torch.topk(score, k, sorted=False).indices.sort().values
+    y_sub = torch.where(owned, torch.searchsorted(index, ys), torch.full_like(y_shard, -1))
+    return index, y_sub
+
+
+# ---------------------------------------------------------------------------------------------
+# the margin-softmax prologue shared by every rank
+
+
+def target_rows(raw_y: torch.Tensor, opts: MarginOptions, m2: torch.Tensor, m3: torch.Tensor):
+    """``(f, slope)`` per row from the raw target cosines (SPEC §2): the same arithmetic as
+    :func:`fusedface._engine.margin_prologue` after its gather of the label rows."""
+    in_y = (raw_y >= -1.0) & (raw_y <= 1.0)
+    c_y = raw_y.clamp(-1.0, 1.0)
+    theta = torch.acos(c_y)
+    angle = opts.m1 * theta + m2
+    f = torch.cos(angle) - m3
+    slope = opts.m1 * torch.sin(angle) / torch.sqrt(torch.clamp(1.0 - c_y * c_y, min=EPS_SIN2))
+    one = torch.ones_like(slope)
+    if opts.theta_policy == "threshold":
+        past = angle > math.pi
+        f = torch.where(past, c_y - m2 * torch.sin(m2) - m3, f)
+        slope = torch.where(past, one, slope)
+    elif opts.theta_policy == "easy":
+        easy = c_y > 0
+        f = torch.where(easy, f, c_y)
+        slope = torch.where(easy, slope, one)
+    if opts.grad_mode == "straight_through":
+        slope = one
+    return f, slope * in_y.to(slope.dtype)
+
+
+@dataclass(frozen=True)
+class ElasticDraws:
+    """ElasticFace margins for the sharded pass: rank 0 draws ``E ~ N(mean, std²)`` for the whole
+    global batch with ``generator`` and every rank receives the same draws."""
+
+    mean: float
+    std: float
+    plus: bool
+    slot: str  # "m2" (Arc) or "m3" (Cos)
+    generator: object = None
+
+
+@dataclass
+class _Plan:
+    """Everything the sharded Functions need besides ``x_local`` and ``W`` (no autograd)."""
+
+    comm: Comm
+    batch: GlobalBatch
+    kernels: object
+    tile: int
+    cdt: torch.dtype
+    x_dtype: torch.dtype
+    y_sub: torch.Tensor  # labels into the columns of the W the pass runs on; -1 where not owned
+    index: torch.Tensor | None  # Partial FC: local class id of each column, else None
+    xinv: torch.Tensor
+    winv: torch.Tensor
+    embedding_grad_scale: float
+    opts: object = None
+    f: torch.Tensor | None = None
+    slope: torch.Tensor | None = None
+    c_y: torch.Tensor | None = None  # NPT
+    stats: bool = False
+
+    def global_ids(self, local_cols: torch.Tensor) -> torch.Tensor:
+        cols = local_cols if self.index is None else self.index[local_cols]
+        return cols + self.batch.lo
+
+
+def _kernels(backend: str, device: torch.device):
+    check_backend_name(backend)
+    name, kernels = resolve(backend, device)
+    if kernels is None:
+        raise ValueError(f"backend={backend!r} has no fused kernels: the sharded heads run a fused backend "
+                         "('auto', 'torch', 'native' or 'triton'); compare against the reference single-process")
+    return name, kernels
+
+
+def _columns(comm, batch, W, sample_rate, sample_generator):
+    """``(W_used, index, y_sub)``: the shard itself, or the Partial FC sample of it."""
+    if sample_rate is None:
+        return W, None, batch.y_shard
+    index, y_sub = sample_classes(batch.y_shard, W.shape[0], sample_rate, sample_generator)
+    return W.index_select(0, index), index, y_sub
+
+
+def _owner_cosines(batch, W, y_sub, xinv, winv, cdt):
+    """Raw ``x̂_b·ŵ_y`` on the rows whose class this rank owns (0 elsewhere), as the prologue does."""
+    owned = y_sub >= 0
+    ys = y_sub.clamp(min=0)
+    raw = (batch.x_all.to(cdt) * W[ys].to(cdt)).sum(dim=1) * xinv * winv[ys]
+    return torch.where(owned, raw, torch.zeros_like(raw))
+
+
+def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backend="auto", tile_size=None,
+                m2=0.0, m3=0.0, class_m2=None, elastic: ElasticDraws | None = None, sample_rate=None,
+                sample_generator=None, batch_sizes=None, embedding_grad_scale=1.0, stats=True):
+    """Gather, sample and run the prologue; returns ``(W_used, plan)`` for :class:`MarginSoftmaxShardFunction`.
+
+    ``m2``/``m3``: floats or per-row tensors over the GLOBAL batch (the same on every rank).
+    ``class_m2``: a per-class margin of this shard ``[C_local]`` (KappaFace), looked up by the
+    owner of each row. ``elastic``: draws made on rank 0 and shared."""
+    check_local_batch(x, y, W)
+    _, kernels = _kernels(backend, x.device)
+    batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
+    B, device = batch.B, x.device
+    m2 = check_row_margin("m2", m2, B, device)
+    m3 = check_row_margin("m3", m3, B, device)
+    W_used, index, y_sub = _columns(comm, batch, W, sample_rate, sample_generator)
+    cdt = compute_dtype(x, W)
+    with torch.no_grad():
+        Wd = W_used.detach().contiguous()
+        xinv = inverse_norms(batch.x_all, cdt)
+        winv = inverse_norms(Wd, cdt)
+        owned = y_sub >= 0
+        shared = [_owner_cosines(batch, Wd, y_sub, xinv, winv, cdt)]
+        if elastic is not None and elastic.plus:
+            # the ranking of ElasticFace+ uses the same target cosines as the single-process head
+            shared.append(R.target_cosines(batch.x_all, Wd, y_sub, -1).to(cdt))
+        if class_m2 is not None:
+            m_own = class_m2[batch.y_shard.clamp(min=0)].to(cdt)
+            shared.append(torch.where(owned, m_own, torch.zeros_like(m_own)))
+        if elastic is not None:
+            draw_dtype = cdt if elastic.plus else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+            if comm.rank == 0:
+                draws = R.elastic_draws(B, elastic.mean, elastic.std, generator=elastic.generator, device=device,
+                                        dtype=draw_dtype)
+            else:
+                draws = torch.zeros(B, dtype=draw_dtype, device=device)
+            shared.append(draws.to(cdt))
+        shared = comm.all_reduce(torch.stack(shared), "sum")  # one O(B) all-reduce; exact (zeros elsewhere)
+        raw_y, rest = shared[0], list(shared[1:])
+        if elastic is not None:
+            tc = rest.pop(0) if elastic.plus else None
+        if class_m2 is not None:
+            m2 = rest.pop(0)
+        if elastic is not None:
+            draws = rest.pop(0).to(draw_dtype)
+            m = R.plus_order(tc, draws, batch.valid) if elastic.plus else draws
+            if elastic.slot == "m2":
+                m2 = m
+            else:
+                m3 = m
+        f, slope = target_rows(raw_y, opts, row_margin(m2, B, device, cdt), row_margin(m3, B, device, cdt))
+    tile = choose_tile(B, x.shape[1], W_used.shape[0], None, tile_size)
+    plan = _Plan(comm, batch, kernels, tile, cdt, x.dtype, y_sub, index, xinv, winv, float(embedding_grad_scale),
+                 opts=opts, f=f, slope=slope, stats=bool(stats))
+    return W_used, plan
+
+
+def _mean_upstream(plan: _Plan, grad_rows: torch.Tensor) -> torch.Tensor:
+    """The upstream row gradient averaged over ranks, 0 on ignored rows."""
+    g = grad_rows.to(plan.cdt).clone()
+    if plan.comm.active:
+        g = plan.comm.all_reduce(g, "sum") / plan.comm.world_size
+    return torch.where(plan.batch.valid, g, torch.zeros_like(g))
+
+
+def _scatter_dx(plan: _Plan, G: torch.Tensor) -> torch.Tensor:
+    """This rank's ``dL/dx`` from its partial ``Σ_k dℓ/dc_bk·ŵ_k`` over the global batch."""
+    part = x_jacobian(plan.batch.x_all, plan.xinv, G)
+    dx = plan.comm.reduce_scatter_rows(part, plan.batch.sizes)
+    if plan.embedding_grad_scale != 1.0:
+        dx = dx * plan.embedding_grad_scale
+    return dx.to(plan.x_dtype)
+
+
+class MarginSoftmaxShardFunction(torch.autograd.Function):
+    """Per-row margin-softmax losses of the GLOBAL batch ``[B]`` (the same on every rank, 0 on
+    ignored rows), the global arg-max ``pred [B]`` and support-vector counts ``sv [B]``.
+
+    Inputs: this rank's embeddings ``x_local [b, D]`` (the gradient comes back to them by a
+    reduce-scatter), the columns of ``W`` this rank runs (its shard or its Partial FC sample) and
+    the ``plan`` of :func:`margin_plan`."""
+
+    @staticmethod
+    def forward(ctx, x_local, W, plan: _Plan):
+        comm, b, opts, cdt = plan.comm, plan.batch, plan.opts, plan.cdt
+        Wc = W.contiguous()
+        lse_r, pred_r, sv_r = plan.kernels.margin_forward(b.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, plan.f,
+                                                          opts, plan.tile)
+        lse_r = lse_r.to(cdt)
+        if plan.stats:
+            pr = pred_r.long()
+            best = ((b.x_all.to(cdt) * Wc[pr].to(cdt)).sum(dim=1) * plan.xinv * plan.winv[pr]).clamp(-1.0, 1.0)
+            top = comm.all_reduce(torch.stack([lse_r, best]), "max")
+            M, best_all = top[0], top[1]
+            tot = comm.all_reduce(torch.stack([torch.exp(lse_r - M).double(), sv_r.double()]), "sum")
+            cand = torch.where(best == best_all, plan.global_ids(pr), torch.full_like(pr, b.num_classes))
+            pred = comm.all_reduce(cand, "min")
+            sv = tot[1].round().long()
+        else:
+            M = comm.all_reduce(lse_r.clone(), "max")
+            tot = comm.all_reduce(torch.exp(lse_r - M).double()[None], "sum")
+            pred = torch.zeros(b.B, dtype=torch.long, device=lse_r.device)
+            sv = torch.zeros(b.B, dtype=torch.long, device=lse_r.device)
+        lse = (M.double() + torch.log(tot[0])).to(cdt)
+        rows = torch.where(b.valid, lse - opts.scale * plan.f, torch.zeros_like(lse))
+        ctx.save_for_backward(Wc, lse)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(pred, sv)
+        return rows, pred, sv
+
+    @staticmethod
+    def backward(ctx, grad_rows, _gp, _gs):
+        plan = ctx.plan
+        Wc, lse = ctx.saved_tensors
+        opts = plan.opts
+        need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gl = _mean_upstream(plan, grad_rows)
+        p_y = torch.exp(opts.scale * plan.f - lse)
+        dcy = opts.scale * (p_y - 1.0) * gl * plan.slope
+        dcy = torch.where(plan.y_sub >= 0, dcy, torch.zeros_like(dcy))  # the label column lives on its owner
+        if not (need_dx or need_dW):
+            return None, None, None
+        Gx, dW = plan.kernels.margin_backward(plan.batch.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, plan.f, lse,
+                                              gl, dcy, opts, plan.tile, need_dx, need_dW)
+        dx = _scatter_dx(plan, Gx) if need_dx else None
+        return dx, (dW if need_dW else None), None
+
+
+def _reduce(rows, valid, reduction):
+    return R._reduce(rows, valid, reduction)
+
+
+def margin_softmax_loss(x, W_shard, y, *, num_classes, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
+                        negative="none", t=0.0, grad_mode="exact", reduction="mean", ignore_index=-1, backend="auto",
+                        tile_size=None, group=None, sample_rate=None, sample_generator=None, batch_sizes=None,
+                        embedding_grad_scale=1.0):
+    """The margin softmax of :func:`fusedface.functional.margin_softmax_loss` with the classes
+    sharded over ``group`` (default: the default process group; a world of one without one).
+
+    ``x [b, D]``, ``y [b]``: this rank's rows (``b`` may differ between ranks); ``W_shard``: this
+    rank's classes ``[C_local, D]`` of the contiguous balanced layout of ``num_classes``. Returns the
+    loss of the GLOBAL batch, the same on every rank (``reduction="none"``: the rows of the global
+    batch, rank by rank). Per-row ``m2``/``m3`` tensors are over the global batch. ``sample_rate``
+    turns on Partial FC. ``embedding_grad_scale`` multiplies the gradient returned to ``x`` (set it
+    to the world size when DDP averages the backbone's gradients, as InsightFace does)."""
+    opts = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
+                         grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
+    comm = Comm(group)
+    _check_shard(W_shard, num_classes, comm)
+    W_used, plan = margin_plan(comm, x, W_shard, y, opts, num_classes=num_classes, backend=backend,
+                               tile_size=tile_size, m2=m2, m3=m3, sample_rate=sample_rate,
+                               sample_generator=sample_generator, batch_sizes=batch_sizes,
+                               embedding_grad_scale=embedding_grad_scale, stats=False)
+    rows, _, _ = MarginSoftmaxShardFunction.apply(x, W_used, plan)
+    return _reduce(rows, plan.batch.valid, reduction)
+
+
+def _check_shard(W_shard, num_classes, comm):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int (the classes over all ranks), got {num_classes!r}")
+    if num_classes < comm.world_size:
+        raise ValueError(f"num_classes={num_classes} is smaller than the world size {comm.world_size}: "
+                         "every rank needs at least one class")
+    want = shard_sizes(num_classes, comm.world_size)[comm.rank]
+    if not isinstance(W_shard, torch.Tensor) or W_shard.dim() != 2 or W_shard.shape[0] != want:
+        shape = tuple(W_shard.shape) if isinstance(W_shard, torch.Tensor) else type(W_shard).__name__
+        raise ValueError(f"rank {comm.rank} of {comm.world_size} owns {want} of num_classes={num_classes} classes "
+                         f"(rows {shard_range(num_classes, comm.world_size, comm.rank)} of W) but W_shard has shape "
+                         f"{shape}; slice W with fusedface.distributed.shard_range")
+
+
+# ---------------------------------------------------------------------------------------------
+# NPT
+
+
+def npt_plan(comm: Comm, x, W, y, opts: NPTOptions, *, num_classes, backend="auto", tile_size=None,
+             sample_rate=None, sample_generator=None, batch_sizes=None, embedding_grad_scale=1.0):
+    """Gather, sample and share the target cosines; returns ``(W_used, plan)`` for :class:`NPTShardFunction`."""
+    check_local_batch(x, y, W)
+    if opts.k > num_classes - 1:
+        raise ValueError(f"k={opts.k} nearest negative proxies need at least k + 1 classes, "
+                         f"num_classes={num_classes}; use k <= {num_classes - 1}")
+    _, kernels = _kernels(backend, x.device)
+    batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
+    W_used, index, y_sub = _columns(comm, batch, W, sample_rate, sample_generator)
+    cdt = compute_dtype(x, W)
+    with torch.no_grad():
+        Wd = W_used.detach().contiguous()
+        xinv = inverse_norms(batch.x_all, cdt)
+        winv = inverse_norms(Wd, cdt)
+        c_y = comm.all_reduce(_owner_cosines(batch, Wd, y_sub, xinv, winv, cdt).clamp(-1.0, 1.0), "sum")
+    tile = choose_tile(batch.B, x.shape[1], W_used.shape[0], None, tile_size)
+    plan = _Plan(comm, batch, kernels, tile, cdt, x.dtype, y_sub, index, xinv, winv, float(embedding_grad_scale),
+                 opts=opts, c_y=c_y)
+    return W_used, plan
+
+
+def _small_topk(x_all, W, xinv, winv, y_sub, k, cdt):
+    """Top-k when the shard has at most k columns (materialised ``[B, C_sub]``, C_sub ≤ k ≤ 16),
+    padded with ``-inf`` / ``-1``."""
+    B, C = x_all.shape[0], W.shape[0]
+    c = ((x_all.to(cdt) @ W.to(cdt).t()) * xinv[:, None] * winv[None, :]).clamp(-1.0, 1.0)
+    cols = torch.arange(C, device=x_all.device)
+    c = c.masked_fill(y_sub[:, None] == cols[None, :], float("-inf"))
+    v = torch.cat([c, c.new_full((B, k - C), float("-inf"))], dim=1)
+    i = torch.cat([cols.expand(B, C), cols.new_full((B, k - C), -1)], dim=1)
+    return v, i
+
+
+class NPTShardFunction(torch.autograd.Function):
+    """Per-row NPT losses of the GLOBAL batch ``[B]`` (the same on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x_local, W, plan: _Plan):
+        comm, b, opts, cdt = plan.comm, plan.batch, plan.opts, plan.cdt
+        Wc = W.contiguous()
+        k = opts.k
+        if Wc.shape[0] > k:
+            v, i = plan.kernels.npt_forward(b.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, k, plan.tile)
+        else:
+            v, i = _small_topk(b.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, k, cdt)
+        v, i = v.to(cdt), i.long()
+        real = torch.isfinite(v) & (i >= 0)
+        gid = torch.where(real, plan.global_ids(i.clamp(min=0)), torch.full_like(i, -1))
+        v = torch.where(real, v, torch.full_like(v, float("-inf")))
+        # the k local candidates of every rank, O(B·k·R): [R, B, k] -> [B, R·k]
+        cand_v = comm.all_gather(v).permute(1, 0, 2).reshape(b.B, -1)
+        cand_g = comm.all_gather(gid).permute(1, 0, 2).reshape(b.B, -1)
+        topv, pos = cand_v.topk(k, dim=1)
+        topg = cand_g.gather(1, pos)
+        hinge = topv - plan.c_y[:, None] + opts.delta
+        rows = 2.0 * opts.r ** 2 * torch.relu(hinge).sum(dim=1)
+        rows = torch.where(b.valid, rows, torch.zeros_like(rows))
+        ctx.save_for_backward(Wc, topg, hinge)
+        ctx.plan = plan
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        plan = ctx.plan
+        Wc, topg, hinge = ctx.saved_tensors
+        b, opts, cdt = plan.batch, plan.opts, plan.cdt
+        need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gl = _mean_upstream(plan, grad_rows)
+        if not (need_dx or need_dW):
+            return None, None, None
+        coef = 2.0 * opts.r ** 2 * gl[:, None] * (hinge > 0).to(cdt)  # [B, k] on the selected columns
+        own = (topg >= b.lo) & (topg < b.hi)
+        local = (topg - b.lo).clamp(0, b.hi - b.lo - 1)
+        if plan.index is not None:
+            local = torch.searchsorted(plan.index, local).clamp(max=plan.index.shape[0] - 1)
+        local = torch.where(own, local, torch.zeros_like(local))
+        label = plan.y_sub >= 0
+        dcy = torch.where(label, -coef.sum(dim=1), torch.zeros_like(gl))  # the label column, on its owner
+        cols = torch.cat([local, plan.y_sub.clamp(min=0)[:, None]], dim=1)  # [B, k+1] columns of Wc
+        dc = torch.cat([torch.where(own, coef, torch.zeros_like(coef)), dcy[:, None]], dim=1)
+        # as fusedface._engine.npt_backward_grads, restricted to the columns this rank owns
+        Wg = Wc[cols].to(cdt)  # [B, k+1, D]
+        xh = b.x_all.to(cdt) * plan.xinv[:, None]
+        wi = plan.winv[cols]
+        raw = torch.einsum("bd,bjd->bj", xh, Wg) * wi
+        dc = dc * ((raw >= -1.0) & (raw <= 1.0)).to(cdt)
+        dx = dW = None
+        if need_dx:
+            dx = _scatter_dx(plan, torch.einsum("bj,bjd->bd", dc * wi, Wg))
+        if need_dW:
+            wh = Wg * wi[..., None]
+            Gw = dc[..., None] * xh[:, None, :]
+            contrib = (Gw - (Gw * wh).sum(-1, keepdim=True) * wh) * wi[..., None]
+            acc = torch.zeros(Wc.shape, dtype=cdt if Wc.dtype != cdt else Wc.dtype, device=Wc.device)
+            acc.index_add_(0, cols.reshape(-1), contrib.reshape(-1, Wc.shape[1]))
+            dW = acc.to(Wc.dtype)
+        return dx, dW, None
+
+
+def npt_loss(x, W_shard, y, *, num_classes, delta=0.5, k=1, r=1.0, reduction="mean", ignore_index=-1,
+             backend="auto", tile_size=None, group=None, sample_rate=None, sample_generator=None, batch_sizes=None,
+             embedding_grad_scale=1.0):
+    """NPT-Loss (:func:`fusedface.functional.npt_loss`) with the classes sharded over ``group``;
+    arguments as :func:`margin_softmax_loss`."""
+    opts = NPTOptions(delta=delta, k=k, r=r, reduction=reduction, ignore_index=ignore_index)
+    comm = Comm(group)
+    _check_shard(W_shard, num_classes, comm)
+    W_used, plan = npt_plan(comm, x, W_shard, y, opts, num_classes=num_classes, backend=backend, tile_size=tile_size,
+                            sample_rate=sample_rate, sample_generator=sample_generator, batch_sizes=batch_sizes,
+                            embedding_grad_scale=embedding_grad_scale)
+    rows = NPTShardFunction.apply(x, W_used, plan)
+    return _reduce(rows, plan.batch.valid, reduction)
+

@@ -1,0 +1,342 @@
+"""Class-sharded heads: every head of :mod:`fusedface.modules`, its classes split over the ranks.
+
+``ShardedArcFace(in_features, num_classes, **kw)`` takes the keyword arguments of
+:class:`fusedface.ArcFace` (and likewise for every head) plus the distributed ones:
+
+``process_group``  the group to shard over (default: the default group; a world of one without one)
+``sample_rate``    Partial FC: keep every positive class plus random others up to
+                   ``sample_rate·C_local`` per step (None: every class, no sampling)
+``sample_generator``  the ``torch.Generator`` of the negative sampling (per rank)
+``embedding_grad_scale``  multiplies the gradient returned to the embeddings; set it to the world
+                   size when DDP averages the backbone's gradients over ranks
+``track_stats``    merge the arg-max and support-vector counts (``last_accuracy`` …); 2 O(B)
+                   all-reduces per step
+
+The head holds a single-process head of the same class over its own classes as ``self.head``
+(``head.weight [C_local, D]``, KappaFace's per-class statistics), so its options, defaults and
+buffers are those of the single-process head. ``forward(embeddings, labels)`` takes this rank's
+rows and returns the loss of the global batch, the same on every rank. Every rank must call
+``forward`` and ``backward`` in the same order (they run collectives).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import reference as R
+from ..modules import (ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, KappaFace,
+                       MarginSoftmaxHead, MVSoftmax, NPT, OTFace, SphereFace, SVSoftmax, _ClassCentres, _Elastic)
+from ._comm import Comm, shard_range
+from ._functions import (ElasticDraws, MarginSoftmaxShardFunction, NPTShardFunction, check_local_batch, gather_batch,
+                         margin_plan, npt_plan)
+
+__all__ = [
+    "ShardedHead", "ShardedMarginSoftmaxHead", "ShardedArcFace", "ShardedCosFace", "ShardedCombinedMargin",
+    "ShardedSphereFace", "ShardedElasticArcFace", "ShardedElasticCosFace", "ShardedKappaFace", "ShardedSVSoftmax",
+    "ShardedMVSoftmax", "ShardedNPT", "ShardedOTFace",
+]
+
+KAPPA_PER_CLASS = ("class_margins", "resultant_sum", "epoch_counts", "class_counts", "class_kappa")
+
+
+class ShardedHead(nn.Module):
+    """A fusedface head whose classes are sharded over a process group (SPEC §8).
+
+    ``head_class`` is the single-process head (a subclass of :class:`fusedface.MarginSoftmaxHead`
+    or :class:`fusedface.NPT`); the named subclasses below fix it."""
+
+    head_class: type | None = None
+
+    def __init__(self, in_features: int, num_classes: int, *, head_class=None, process_group=None,
+                 sample_rate=None, sample_generator=None, embedding_grad_scale=1.0, track_stats=True,
+                 device=None, dtype=None, **head_kwargs):
+        super().__init__()
+        head_class = head_class or type(self).head_class
+        if head_class is None or not issubclass(head_class, (MarginSoftmaxHead, NPT)):
+            raise TypeError("head_class must be a fusedface head (a MarginSoftmaxHead or NPT subclass), "
+                            f"got {head_class!r}")
+        self.comm = Comm(process_group)
+        self.process_group = process_group
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if num_classes < self.comm.world_size:
+            raise ValueError(f"num_classes={num_classes} is smaller than the world size {self.comm.world_size}: "
+                             "every rank needs at least one class")
+        if sample_rate is not None and not (isinstance(sample_rate, (int, float)) and 0.0 < float(sample_rate) <= 1.0):
+            raise ValueError(f"sample_rate must be None or in (0, 1], got {sample_rate!r}")
+        self.in_features = int(in_features)
+        self.num_classes = int(num_classes)
+        self.class_range = shard_range(num_classes, self.comm.world_size, self.comm.rank)
+        lo, hi = self.class_range
+        if issubclass(head_class, NPT):
+            # NPT checks k against its class count: validate on the global count (meta: no memory),
+            # hold the shard in a plain class-centre holder
+            proto = head_class(in_features, num_classes, device="meta", **head_kwargs)
+            self.head = _ClassCentres(in_features, hi - lo, backend=proto.backend, device=device, dtype=dtype)
+            self.head.options = proto.options
+        else:
+            if (head_class.row_margins is not MarginSoftmaxHead.row_margins
+                    and not issubclass(head_class, (_Elastic, KappaFace))):
+                raise TypeError(f"{head_class.__name__} overrides row_margins, which needs W[y] on one rank: "
+                                "it cannot be sharded as is; compute the per-row margins of the global batch "
+                                "and call fusedface.distributed.margin_softmax_loss(..., m2=..., m3=...)")
+            self.head = head_class(in_features, hi - lo, device=device, dtype=dtype, **head_kwargs)
+        self.sample_rate = None if sample_rate is None else float(sample_rate)
+        self.sample_generator = sample_generator
+        self.embedding_grad_scale = float(embedding_grad_scale)
+        self.track_stats = bool(track_stats)
+        self.last_accuracy: torch.Tensor | None = None
+        self.last_sv_fraction: torch.Tensor | None = None
+        self.last_batch_sizes: list | None = None
+        self.last_row_offset: int | None = None
+        self.last_sampled_classes: torch.Tensor | None = None  # Partial FC: the classes this rank ran
+
+    # ------------------------------------------------------------------ layout
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """This rank's class centres ``[C_local, D]`` (rows ``class_range`` of the full ``W``)."""
+        return self.head.weight
+
+    @property
+    def options(self):
+        return self.head.options
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def per_class_keys(self) -> tuple[str, ...]:
+        """Entries of ``self.head.state_dict()`` whose first dimension is the class: sharded with ``W``."""
+        return ("weight",) + (KAPPA_PER_CLASS if isinstance(self.head, KappaFace) else ())
+
+    def _is_npt(self) -> bool:
+        return not isinstance(self.head, MarginSoftmaxHead)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, feature_maps: torch.Tensor | None = None,
+                *, batch_sizes=None) -> torch.Tensor:
+        """The loss of the global batch from this rank's ``embeddings [b, D]`` and ``labels [b]``.
+
+        ``batch_sizes``: every rank's ``b`` when known (skips the host synchronisation of reading
+        them); ``feature_maps [b, Cf, H, W]``: OTFace only (its transport term uses this rank's rows)."""
+        h = self.head
+        if feature_maps is not None and not isinstance(h, OTFace):
+            raise ValueError(f"feature_maps is only for OTFace, not {type(h).__name__}")
+        if feature_maps is None and isinstance(h, OTFace):
+            raise ValueError("OTFace needs feature_maps [b, Cf, H, W]: call head(embeddings, labels, feature_maps)")
+        common = dict(num_classes=self.num_classes, backend=h.backend, sample_rate=self.sample_rate,
+                      sample_generator=self.sample_generator, batch_sizes=batch_sizes,
+                      embedding_grad_scale=self.embedding_grad_scale)
+        if self._is_npt():
+            W_used, plan = npt_plan(self.comm, embeddings, h.weight, labels, h.options, **common)
+            rows = NPTShardFunction.apply(embeddings, W_used, plan)
+            loss = R._reduce(rows, plan.batch.valid, h.options.reduction)
+            self._remember(plan)
+            return loss
+        extra = {}
+        if isinstance(h, _Elastic):
+            extra["elastic"] = ElasticDraws(h.margin_mean, h.margin_std, h.plus, h._slot, h.generator)
+        elif isinstance(h, KappaFace):
+            extra["class_m2"] = h.class_margins
+        else:
+            extra["m2"], extra["m3"] = h.m2, h.m3
+        W_used, plan = margin_plan(self.comm, embeddings, h.weight, labels, h.options, stats=self.track_stats,
+                                   **common, **extra)
+        if isinstance(h, KappaFace) and self.training and h.auto_update:
+            self._accumulate(plan.batch)
+        rows, pred, sv = MarginSoftmaxShardFunction.apply(embeddings, W_used, plan)
+        loss = R._reduce(rows, plan.batch.valid, h.options.reduction)
+        self._remember(plan)
+        if self.track_stats:
+            valid = plan.batch.valid
+            n = valid.sum().clamp(min=1)
+            self.last_accuracy = (((pred == plan.batch.y_all) & valid).sum() / n).detach()
+            self.last_sv_fraction = (((sv > 0) & valid).sum() / n).detach()
+        if isinstance(h, OTFace):
+            term = R.ot_triplet_loss(embeddings, labels, feature_maps, margin=h.ot_margin, eps=h.ot_eps,
+                                     iters=h.ot_iters, ignore_index=h.options.ignore_index)
+            h.last_ot_loss = term.detach()
+            loss = loss + h.ot_weight * term.to(loss.dtype)
+        return loss
+
+    def _remember(self, plan) -> None:
+        self.last_batch_sizes = list(plan.batch.sizes)
+        self.last_row_offset = plan.batch.offset
+        self.last_sampled_classes = None if plan.index is None else plan.index + plan.batch.lo
+
+    def local_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a ``reduction="none"`` result (the rows of the global batch)."""
+        return rows[self.last_row_offset: self.last_row_offset + self.last_batch_sizes[self.rank]]
+
+    # ------------------------------------------------------------------ KappaFace
+
+    def _kappa(self) -> KappaFace:
+        if not isinstance(self.head, KappaFace):
+            raise TypeError(f"{type(self).__name__} has no KappaFace statistics")
+        return self.head
+
+    @torch.no_grad()
+    def _accumulate(self, batch) -> None:
+        """``S_c += Σ x̂_b`` and ``n_c += 1`` over the global batch's rows whose class this rank owns."""
+        h = self._kappa()
+        owned = batch.y_shard >= 0
+        ys = batch.y_shard.clamp(min=0)
+        xn = F.normalize(batch.x_all.float(), dim=1, eps=R.EPS_NORM) * owned[:, None]
+        h.resultant_sum.index_add_(0, ys, xn.to(h.resultant_sum.dtype))
+        h.epoch_counts.index_add_(0, ys, owned.long())
+
+    @torch.no_grad()
+    def update_statistics(self, embeddings: torch.Tensor, labels: torch.Tensor, *, batch_sizes=None) -> None:
+        """KappaFace: accumulate this step's global batch into the shard's statistics (what
+        ``forward`` does itself when ``auto_update=True``)."""
+        h = self._kappa()
+        check_local_batch(embeddings, labels, h.weight)
+        self._accumulate(gather_batch(self.comm, embeddings, labels, self.num_classes, h.options.ignore_index,
+                                      batch_sizes))
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """KappaFace's epoch update (SPEC §3) over the sharded statistics: κ per class on its owner;
+        the largest finite κ, the largest count, and the mean and unbiased std of κ over ALL classes
+        by all-reduces (5 scalars); then the margins of the shard."""
+        h = self._kappa()
+        comm, C = self.comm, self.num_classes
+        n = h.epoch_counts.to(torch.float64)
+        rbar = torch.linalg.vector_norm(h.resultant_sum.to(torch.float64), dim=1) / n
+        rbar = torch.where(rbar > 1.0 - 1e-5, torch.ones_like(rbar), rbar)  # as KappaFace.end_epoch
+        # R.kappa_from_resultant with the largest finite κ taken over every shard
+        kappa = rbar * (h.in_features - rbar * rbar) / (1.0 - rbar * rbar)
+        kappa = torch.where(torch.isnan(kappa), torch.zeros_like(kappa), kappa)
+        finite = torch.isfinite(kappa)
+        tops = torch.stack([torch.where(finite, kappa, torch.full_like(kappa, float("-inf"))).max(), n.max()])
+        tops = comm.all_reduce(tops, "max")
+        largest = torch.where(torch.isfinite(tops[0]), tops[0], torch.zeros_like(tops[0]))
+        kappa = torch.where(finite, kappa, largest.expand_as(kappa))
+        h.class_kappa.copy_(kappa.to(h.class_kappa.dtype))
+        # R.kappa_margins with the global mean, unbiased std and largest count
+        mean = comm.all_reduce(kappa.sum().reshape(1), "sum")[0] / C
+        if C > 1:
+            var = comm.all_reduce(((kappa - mean) ** 2).sum().reshape(1), "sum")[0] / (C - 1)
+            std = torch.sqrt(var)
+        else:
+            std = torch.zeros_like(mean)
+        ok = torch.isfinite(std) & (std > 0)
+        z = torch.where(ok, (kappa - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(kappa))
+        w_kappa = 1.0 - torch.sigmoid(h.temperature * z)
+        K = 1.05 * tops[1].clamp(min=1.0)
+        w_n = (torch.cos(torch.pi * n / K) + 1.0) / 2.0
+        m = h.m0 * (h.gamma * w_kappa + (1.0 - h.gamma) * w_n)
+        h.class_margins.copy_(m.to(h.class_margins.dtype))
+        h.class_counts.copy_(h.epoch_counts)
+        h.resultant_sum.zero_()
+        h.epoch_counts.zero_()
+        h.epochs_seen += 1
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def full_state_dict(self, dst: int = 0):
+        """The state of the whole head on rank ``dst`` (None on the others): the ``state_dict`` of
+        the single-process head over all ``num_classes`` (loadable into it). See
+        :mod:`fusedface.distributed.checkpoint` for per-shard files."""
+        from .checkpoint import full_state_dict
+        return full_state_dict(self, dst)
+
+    def load_full_state_dict(self, state: dict) -> None:
+        """Load a full (single-process) state, each rank taking its own classes."""
+        from .checkpoint import load_full_state_dict
+        load_full_state_dict(self, state)
+
+    def extra_repr(self) -> str:
+        lo, hi = self.class_range
+        s = (f"num_classes={self.num_classes}, classes [{lo}, {hi}) on rank {self.rank} of {self.world_size}")
+        if self.sample_rate is not None:
+            s += f", sample_rate={self.sample_rate}"
+        if self.embedding_grad_scale != 1.0:
+            s += f", embedding_grad_scale={self.embedding_grad_scale}"
+        return s
+
+
+class ShardedMarginSoftmaxHead(ShardedHead):
+    """:class:`fusedface.MarginSoftmaxHead` (every option of SPEC §2), classes sharded."""
+
+    head_class = MarginSoftmaxHead
+
+
+class ShardedArcFace(ShardedHead):
+    """:class:`fusedface.ArcFace`, classes sharded."""
+
+    head_class = ArcFace
+
+
+class ShardedCosFace(ShardedHead):
+    """:class:`fusedface.CosFace`, classes sharded."""
+
+    head_class = CosFace
+
+
+class ShardedCombinedMargin(ShardedHead):
+    """:class:`fusedface.CombinedMargin`, classes sharded."""
+
+    head_class = CombinedMargin
+
+
+class ShardedSphereFace(ShardedHead):
+    """:class:`fusedface.SphereFace`, classes sharded."""
+
+    head_class = SphereFace
+
+
+class ShardedElasticArcFace(ShardedHead):
+    """:class:`fusedface.ElasticArcFace`, classes sharded. Rank 0 draws the margins of the whole
+    global batch (with ``generator``, or the global RNG) and shares them; plus ranks the GLOBAL batch."""
+
+    head_class = ElasticArcFace
+
+
+class ShardedElasticCosFace(ShardedHead):
+    """:class:`fusedface.ElasticCosFace`, classes sharded (draws as :class:`ShardedElasticArcFace`)."""
+
+    head_class = ElasticCosFace
+
+
+class ShardedKappaFace(ShardedHead):
+    """:class:`fusedface.KappaFace`, classes sharded: the ``[C, D]`` running sums, counts, κ and
+    margins live with their classes; ``end_epoch()`` merges what needs every class (largest κ,
+    mean and std of κ, largest count) with all-reduces of scalars."""
+
+    head_class = KappaFace
+
+
+class ShardedSVSoftmax(ShardedHead):
+    """:class:`fusedface.SVSoftmax`, classes sharded."""
+
+    head_class = SVSoftmax
+
+
+class ShardedMVSoftmax(ShardedHead):
+    """:class:`fusedface.MVSoftmax`, classes sharded."""
+
+    head_class = MVSoftmax
+
+
+class ShardedNPT(ShardedHead):
+    """:class:`fusedface.NPT`, classes sharded: streaming top-k per shard, ``k`` candidates per row
+    all-gathered and merged."""
+
+    head_class = NPT
+
+
+class ShardedOTFace(ShardedHead):
+    """:class:`fusedface.OTFace`: the margin softmax sharded over the global batch; the transport
+    term mined and computed within each rank's own rows (feature maps never cross the wire), so
+    the returned loss differs between ranks by that term."""
+
+    head_class = OTFace
