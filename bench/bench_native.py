@@ -10,6 +10,8 @@ step — forward + backward of an ArcFace loss (s = 64, m = 0.5), both gradients
   native          backend="native" (fusedface._C): recomputing backward, 4 GEMMs per tile
   native_fast     bf16 only: the same with FUSEDFACE_NATIVE_FAST_GRAD=1 (dc rounded to bf16 in the
                   two gradient GEMMs, like autocast training)
+  native_bf16     bf16 only: the same with FUSEDFACE_NATIVE_PRECISION=bf16 (every tile GEMM a plain
+                  bf16 GEMM with bf16 output, as torch.mm and a plain bf16 pipeline; fp32 epilogue)
   native_kept     fusedface._native.margin_softmax_loss_kept_block: keeps the [C, B] block of
                   cosines between forward and backward (3 GEMMs), when it fits --block-budget
   torch           backend="torch" (the chunked plain-PyTorch engine)
@@ -28,7 +30,8 @@ Providers are interleaved round-robin within each repetition and the minimum is 
 jobs share the machine; the load average is recorded). The two slow baselines (torch, insightface) are
 timed three times; above C = 200,000 there is no warm-up step and they are timed once. Throughput is reported against the FLOP
 count of the four products, 4·2·B·C·D. Ratios: native/mm4 (acceptance: ≤ 1.25), native/torch and
-native/insightface (acceptance: < 1), native_kept/mm3 (the three-product floor).
+native/insightface (acceptance: < 1), native_kept/mm3 (the three-product floor), and the same three
+for native_bf16.
 
 The memory contract (peak RSS beyond x, W and their gradients at B = 256, D = 128, C = 400,000 fp32,
 < 96 MiB) is measured in a fresh subprocess by bench/memory.py.
@@ -135,6 +138,15 @@ def setup(provider, inp: Inputs, block_budget):
                 loss = F_.margin_softmax_loss(x, W, y, scale=S, m2=M2, backend="native")
                 torch.autograd.grad(loss, (x, W))
         return run
+    if provider == "native_bf16":
+        if dtype != torch.bfloat16:
+            return "the bf16-GEMM mode only changes bf16 inputs"
+
+        def run():
+            with env("FUSEDFACE_NATIVE_PRECISION", "bf16"):
+                loss = F_.margin_softmax_loss(x, W, y, scale=S, m2=M2, backend="native")
+                torch.autograd.grad(loss, (x, W))
+        return run
     if provider == "native_kept":
         need = B * C * 4
         if need > block_budget:
@@ -177,7 +189,8 @@ def setup(provider, inp: Inputs, block_budget):
     raise ValueError(provider)
 
 
-PROVIDERS = ["native", "native_fast", "native_kept", "torch", "insightface", "mm4", "mm3", "mm4_f32out"]
+PROVIDERS = ["native", "native_fast", "native_bf16", "native_kept", "torch", "insightface", "mm4", "mm3",
+             "mm4_f32out"]
 
 
 @contextlib.contextmanager
@@ -277,6 +290,8 @@ def ratios(res):
                          "native/insightface": ("native", "insightface"),
                          "native_fast/mm4": ("native_fast", "mm4"), "native_fast/torch": ("native_fast", "torch"),
                          "native_fast/insightface": ("native_fast", "insightface"),
+                         "native_bf16/mm4": ("native_bf16", "mm4"), "native_bf16/torch": ("native_bf16", "torch"),
+                         "native_bf16/insightface": ("native_bf16", "insightface"),
                          "native_kept/mm3": ("native_kept", "mm3"), "native_kept/mm4": ("native_kept", "mm4"),
                          "native/mm4_f32out": ("native", "mm4_f32out"),
                          "native_fast/mm4_f32out": ("native_fast", "mm4_f32out"),
@@ -301,9 +316,10 @@ def memory_contract():
 
 def markdown(doc):
     """Markdown tables (step times and ratios) of a saved result file."""
-    cols = ["native", "native_fast", "native_kept", "torch", "insightface", "mm4", "mm3", "mm4_f32out"]
-    names = ["native/mm4", "native/torch", "native/insightface", "native_fast/mm4", "native_kept/mm3",
-             "native_fast/mm4_f32out"]
+    cols = [c for c in PROVIDERS if any(c in r["providers"] for r in doc["results"])]
+    names = ["native/mm4", "native/torch", "native/insightface", "native_fast/mm4", "native_bf16/mm4",
+             "native_bf16/torch", "native_bf16/insightface", "native_kept/mm3", "native_fast/mm4_f32out"]
+    names = [n for n in names if any(n in r["ratios"] for r in doc["results"])]
     lines = ["| C | D | dtype | " + " | ".join(cols) + " |", "|" + "---|" * (3 + len(cols))]
     for r in doc["results"]:
         cells = []
@@ -367,7 +383,7 @@ def main(argv=None):
     mem = None if a.no_memory else memory_contract()
 
     # ---- table
-    cols = ["native", "native_fast", "native_kept", "torch", "insightface", "mm4", "mm3", "mm4_f32out"]
+    cols = [c for c in PROVIDERS if c in a.providers]
     print()
     print("step time (ms; min over repetitions, providers interleaved)")
     print(f"{'C':>9} {'D':>4} {'dtype':>8} " + " ".join(f"{c:>11}" for c in cols))  # noqa: E501
@@ -379,7 +395,8 @@ def main(argv=None):
         print(f"{r['C']:>9} {r['D']:>4} {r['dtype']:>8} " + " ".join(cells))
     print()
     names = ["native/mm4", "native/torch", "native/insightface", "native_fast/mm4", "native_fast/insightface",
-             "native_kept/mm3", "native_fast/mm4_f32out", "mm3/mm4"]
+             "native_bf16/mm4", "native_bf16/torch", "native_bf16/insightface", "native_kept/mm3",
+             "native_fast/mm4_f32out", "mm3/mm4"]
     print("ratios (acceptance: native/mm4 <= 1.25; native/torch < 1; native/insightface < 1)")
     print(f"{'C':>9} {'D':>4} {'dtype':>8} " + " ".join(f"{n:>18}" for n in names))
     for r in results:

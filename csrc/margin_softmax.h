@@ -36,6 +36,8 @@ void check_tile_inputs(const char* op, const at::Tensor& x, const at::Tensor& W,
 //   returns lse [B] acc, pred [B] int64 (arg-max cosine), sv [B] int32 (support vectors),
 //   block: [C, B] acc holding the raw (unclamped) cosines r when keep_block != 0, else [0]; handing
 //   it to margin_backward skips the recomputing GEMM (memory C·B·sizeof(acc): only when it fits).
+//   bf16_gemm != 0 (CPU, bf16 x and W, no kept block): the tile GEMMs write bf16 products, as
+//   torch.mm of bf16 does; the epilogue still computes in fp32 (docs/native.md, "Precision").
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_forward_cpu(
     const at::Tensor& x,     // [B, D]
     const at::Tensor& W,     // [C, D]
@@ -43,11 +45,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_forward_cpu(
     const at::Tensor& winv,  // [C] acc
     const at::Tensor& y,     // [B] int64
     const at::Tensor& f,     // [B] acc, target value f_b
-    double scale, double a, double b, int64_t tile, int64_t keep_block);
+    double scale, double a, double b, int64_t tile, int64_t keep_block, int64_t bf16_gemm);
 
 // margin_backward: recompute (or read the kept block), dℓ/dc, two GEMMs per tile.
 //   returns Gx [B, D] acc (Σ_k dℓ/dc_bk·ŵ_k; [0] when !need_dx) and dW [C, D] in W's dtype with
-//   the normalisation Jacobian applied ([0] when !need_dW).
+//   the normalisation Jacobian applied ([0] when !need_dW). fast_grad (bf16 x and W, CPU): the two
+//   gradient GEMMs in bf16; bf16_gemm: the recompute too (implies fast_grad).
 std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
     const at::Tensor& x,      // [B, D]
     const at::Tensor& W,      // [C, D]
@@ -59,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
     const at::Tensor& gl,     // [B] acc, upstream gradient per row (0 on ignored rows)
     const at::Tensor& dcy,    // [B] acc, dℓ/dc on the label column
     const std::optional<at::Tensor>& block,  // [C, B] acc from margin_forward(keep_block=1), or none
-    double scale, double a, double b, int64_t tile, int64_t need_dx, int64_t need_dW, int64_t fast_grad);
+    double scale, double a, double b, int64_t tile, int64_t need_dx, int64_t need_dW, int64_t fast_grad,
+    int64_t bf16_gemm);
 
 // npt_forward: streaming top-k of the cosines over the columns other than the label.
 //   returns values [B, k] acc (descending) and their columns [B, k] int64.

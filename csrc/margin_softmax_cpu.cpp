@@ -23,7 +23,10 @@
 // inputs are widened tile by tile. When x and W are both bf16, the products are exact in bf16, so
 // the forward/recompute GEMMs may run on oneDNN's bf16 units with fp32 accumulation and output
 // ("bf32" fpmath mode) without changing the result; with fast_grad the two gradient GEMMs become
-// bf16 GEMMs too, which rounds dc to bf16 (like autocast training). See docs/native.md.
+// bf16 GEMMs too, which rounds dc to bf16 (like autocast training). The opt-in bf16-GEMM mode
+// (bf16_gemm, FUSEDFACE_NATIVE_PRECISION=bf16) makes every tile GEMM a plain bf16 GEMM with bf16
+// output, as torch.mm of bf16 tensors is: the epilogues compute in fp32 on the (widened) bf16
+// products, and the gradients still accumulate across tiles in fp32. See docs/native.md.
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -85,13 +88,19 @@ struct Plan {
 
 // `tile` (the engine's memory-budget tile width) is an upper bound; within it the width is chosen
 // so that one [cols, rows] buffer of the accumulation dtype fits the per-core cache budget.
-Plan make_plan(int64_t B, int64_t C, int64_t D, int64_t tile, size_t elt) {
+// bf16_gemm: in the bf16-GEMM mode a tile's GEMMs are twice as fast, so at small D the fixed cost of
+// each ATen GEMM call (dispatch, oneDNN primitive lookup, scratch allocation) weighs more; the default
+// budget grows as 1/D below D = 512 (2 MiB at D <= 128: 1.14 vs 1.21 of mm4 at C = 100,000, D = 128,
+// best of 10 interleaved runs; at D = 512, 512 KiB stayed best). Both are cache-friendly enough: the
+// epilogues stream the tile once or twice, the GEMM reads it once.
+Plan make_plan(int64_t B, int64_t C, int64_t D, int64_t tile, size_t elt, bool bf16_gemm = false) {
   Plan p;
   p.B = B;
   p.C = C;
   p.D = D;
   p.rows = std::min<int64_t>(B, env_int("FUSEDFACE_NATIVE_ROW_BLOCK", 1024));
-  const int64_t budget = env_int("FUSEDFACE_NATIVE_TILE_BYTES", 512 * 1024);
+  const int64_t grow = bf16_gemm ? std::clamp<int64_t>(512 / std::max<int64_t>(D, 1), 1, 4) : 1;
+  const int64_t budget = env_int("FUSEDFACE_NATIVE_TILE_BYTES", grow * 512 * 1024);
   int64_t cols = budget / (p.rows * static_cast<int64_t>(elt));
   cols = std::max<int64_t>(16, std::min<int64_t>(4096, cols / 16 * 16));
   p.cols = std::max<int64_t>(1, std::min({cols, tile, C}));
@@ -224,8 +233,29 @@ void w_jacobian_into(const at::Tensor& H, const at::Tensor& Wt, const T* winv, a
   });
 }
 
+// A bf16 tensor's storage as the epilogue sees it (bit patterns).
+cpu::bf16_bits* bf16_data(const at::Tensor& t) { return reinterpret_cast<cpu::bf16_bits*>(t.data_ptr<at::BFloat16>()); }
+
+// The W-side Jacobian of the bf16-GEMM mode: H bf16 (one row block) or fp32 (summed), W_tile bf16.
+void w_jacobian_bf16_into(const at::Tensor& H, const at::Tensor& Wt, const float* winv, at::Tensor out) {
+  const int64_t n = H.size(0), D = H.size(1);
+  if (H.scalar_type() == at::kBFloat16) {
+    cpu::w_jacobian_bf16(bf16_data(H), bf16_data(Wt), winv, bf16_data(out), n, D);
+  } else {
+    cpu::w_jacobian_bf16(H.data_ptr<float>(), bf16_data(Wt), winv, bf16_data(out), n, D);
+  }
+}
+
 bool both_bf16(const at::Tensor& x, const at::Tensor& W) {
   return x.scalar_type() == at::kBFloat16 && W.scalar_type() == at::kBFloat16;
+}
+
+// Whether a call runs in the bf16-GEMM mode: asked for, bf16 x and W, fp32 accumulation. fp16 inputs
+// keep their fp32 GEMMs (no fp16 GEMM units on the CPUs this targets; torch.mm of fp16 is slower
+// than the widened fp32 GEMM there).
+template <typename T>
+bool use_bf16_gemm(bool bf16_gemm, const at::Tensor& x, const at::Tensor& W) {
+  return bf16_gemm && std::is_same_v<T, float> && both_bf16(x, W);
 }
 
 // ------------------------------------------------------------------------------------- forward
@@ -234,13 +264,15 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv, const at::Tensor& winv,
     const at::Tensor& y, const at::Tensor& f, double scale, double a, double b, int64_t tile,
-    bool keep_block) {
+    bool keep_block, bool bf16_gemm) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const int64_t B = x.size(0), C = W.size(0), D = x.size(1);
-  const Plan plan = make_plan(B, C, D, tile, sizeof(T));
+  // bf16-GEMM mode: bf16 tiles (the kept block holds fp32 cosines, so it keeps the exact GEMM)
+  const bool g16 = use_bf16_gemm<T>(bf16_gemm, x, W) && !keep_block;
+  const Plan plan = make_plan(B, C, D, tile, sizeof(T), g16);
   const int64_t nw = plan.workers;
 
-  const at::Tensor xT = x.to(acc).t().contiguous();  // [D, B]
+  const at::Tensor xT = g16 ? x.t().contiguous() : x.to(acc).t().contiguous();  // [D, B]
   const at::Tensor y32 = labels_int32(y, C);          // [B]
   const at::Tensor xinv_c = xinv.contiguous(), winv_c = winv.contiguous(), f_c = f.contiguous();
   const at::Tensor sf = f_c * scale;  // [B] the label column's logit
@@ -258,12 +290,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const T* winv_p = winv_c.data_ptr<T>();
   const Rows<T> rows_all{xinv_c.data_ptr<T>(), f_c.data_ptr<T>(), sf.data_ptr<T>(), y32.data_ptr<int32_t>()};
 
-  OneDnnBf16Matmul bf16_units(both_bf16(x, W));  // exact: every operand is a bf16 value
+  OneDnnBf16Matmul bf16_units(both_bf16(x, W) && !g16);  // exact: every operand is a bf16 value
   at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
     for (int64_t w = w0; w < w1; ++w) {
       at::Tensor sbuf = keep_block ? at::Tensor() : at::empty({plan.cols, plan.rows}, opt);
-      at::Tensor wbuf = W.scalar_type() == acc ? at::Tensor() : at::empty({plan.cols, D}, opt);
+      at::Tensor sbuf16 = g16 ? at::empty({plan.cols, plan.rows}, opt.dtype(at::kBFloat16)) : at::Tensor();
+      at::Tensor wbuf = (g16 || W.scalar_type() == acc) ? at::Tensor() : at::empty({plan.cols, D}, opt);
       const ForwardState<T> st_w{m.data_ptr<T>() + w * B, l.data_ptr<T>() + w * B, cbest.data_ptr<T>() + w * B,
                                  cidx.data_ptr<int32_t>() + w * B, nsv.data_ptr<int32_t>() + w * B};
       for (int64_t t = plan.tile_begin(w); t < plan.tile_begin(w + 1); ++t) {
@@ -273,10 +306,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
           const int64_t nr = std::min(plan.rows, B - b0);
           at::Tensor S = keep_block ? block.narrow(0, j0, nc).narrow(1, b0, nr)
                                     : sbuf.narrow(0, 0, nc).narrow(1, 0, nr);  // [nc, nr]
-          gemm(S, Wt, xT.narrow(1, b0, nr));
-          const Tile<T> tv{S.data_ptr<T>(), S.stride(0), nc, nr, j0, winv_p + j0};
           const Rows<T> rp{rows_all.xinv + b0, rows_all.f + b0, rows_all.sf + b0, rows_all.y + b0};
           const ForwardState<T> st{st_w.m + b0, st_w.l + b0, st_w.cbest + b0, st_w.cidx + b0, st_w.nsv + b0};
+          if constexpr (std::is_same_v<T, float>) {
+            if (g16) {  // bf16 W tile (a view of W) · bf16 xᵀ → bf16 products, widened into S
+              at::Tensor S16 = sbuf16.narrow(0, 0, nc).narrow(1, 0, nr);
+              at::mm_out(S16, Wt, xT.narrow(1, b0, nr));
+              cpu::widen_tile(bf16_data(S16), S16.stride(0), S.data_ptr<float>(), S.stride(0), nc, nr);
+            }
+          }
+          if (!g16) gemm(S, Wt, xT.narrow(1, b0, nr));
+          const Tile<T> tv{S.data_ptr<T>(), S.stride(0), nc, nr, j0, winv_p + j0};
           cpu::forward_tile(tv, rp, st, mg);
         }
       }
@@ -314,6 +354,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
 // ------------------------------------------------------------------------------------ backward
 
+// One worker's tiles in the bf16-GEMM mode: every GEMM a plain bf16 one on bf16 operands (views of W,
+// the bf16 xᵀ and x̂), writing bf16, as torch.mm does. Per tile and row block: recompute the bf16
+// products; widen them into the fp32 tile, where the epilogue writes dc·winv; round that to bf16;
+// Gx_w (fp32) += the bf16 product (dc·winv)ᵀ·W_tile; H = (dc·winv)·x̂ in bf16 (summed in fp32 over
+// row blocks when there are several); the Jacobian writes the tile's rows of dW from it.
+void backward_worker_bf16(int64_t w, const Plan& plan, const at::Tensor& W, const at::Tensor& xT16,
+                          const at::Tensor& xh16, const float* winv_p, const BackwardRows<float>& rows_all,
+                          const Margin<float> mg, bool need_dx, bool need_dW, at::Tensor gx, at::Tensor& dW) {
+  const auto opt16 = W.options().dtype(at::kBFloat16);
+  const int64_t B = plan.B, C = plan.C, D = plan.D;
+  const bool one_block = plan.rows >= B;
+  at::Tensor sbuf = at::empty({plan.cols, plan.rows}, opt16);  // products, then dc·winv
+  at::Tensor fbuf = at::empty({plan.cols, plan.rows}, opt16.dtype(at::kFloat));  // the epilogue's fp32 tile
+  at::Tensor gtmp = need_dx ? at::empty({plan.rows, D}, opt16) : at::Tensor();
+  at::Tensor htmp = need_dW ? at::empty({plan.cols, D}, opt16) : at::Tensor();
+  at::Tensor hsum = (need_dW && !one_block) ? at::empty({plan.cols, D}, opt16.dtype(at::kFloat)) : at::Tensor();
+  for (int64_t t = plan.tile_begin(w); t < plan.tile_begin(w + 1); ++t) {
+    const int64_t j0 = t * plan.cols, nc = std::min(plan.cols, C - j0);
+    const at::Tensor Wt = W.narrow(0, j0, nc);  // [nc, D] bf16 view
+    at::Tensor ht = need_dW ? htmp.narrow(0, 0, nc) : at::Tensor();
+    for (int64_t b0 = 0; b0 < B; b0 += plan.rows) {
+      const int64_t nr = std::min(plan.rows, B - b0);
+      at::Tensor S = sbuf.narrow(0, 0, nc).narrow(1, 0, nr);  // [nc, nr] bf16
+      at::mm_out(S, Wt, xT16.narrow(1, b0, nr));
+      const BackwardRows<float> rp{rows_all.xinv + b0, rows_all.f + b0, rows_all.sf + b0, rows_all.lse + b0,
+                                   rows_all.sgl + b0, rows_all.dcy + b0, rows_all.y + b0};
+      at::Tensor Fs = fbuf.narrow(0, 0, nc).narrow(1, 0, nr);
+      float* fp = Fs.data_ptr<float>();
+      cpu::widen_tile(bf16_data(S), S.stride(0), fp, Fs.stride(0), nc, nr);
+      const BackwardTile<float, float> tv{fp, Fs.stride(0), fp, Fs.stride(0), nc, nr, j0, winv_p + j0, false};
+      cpu::backward_tile(tv, rp, mg);
+      cpu::narrow_tile(fp, Fs.stride(0), bf16_data(S), S.stride(0), nc, nr);
+      if (need_dx) {
+        at::Tensor g = gtmp.narrow(0, 0, nr);
+        at::mm_out(g, S.t(), Wt);
+        cpu::accumulate_bf16(bf16_data(g), gx.data_ptr<float>() + b0 * D, nr * D);  // rows b0.. of [B, D]
+      }
+      if (need_dW) {
+        at::mm_out(ht, S, xh16.narrow(0, b0, nr));
+        if (!one_block) {
+          at::Tensor hs = hsum.narrow(0, 0, nc);
+          if (b0 == 0) {
+            hs.copy_(ht);
+          } else {
+            hs.add_(ht);
+          }
+        }
+      }
+    }
+    if (need_dW) w_jacobian_bf16_into(one_block ? ht : hsum.narrow(0, 0, nc), Wt, winv_p + j0, dW.narrow(0, j0, nc));
+  }
+}
+
 // Backward. Per tile and row block: recompute S (or read the kept block), the epilogue writes
 // dc·winv, then Gx_w += (dc·winv)ᵀ·W_tile and H (+)= (dc·winv)·x̂, and after the row blocks the
 // Jacobian turns H into the tile's rows of dW.
@@ -327,22 +420,25 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv, const at::Tensor& winv,
     const at::Tensor& y, const at::Tensor& f, const at::Tensor& lse, const at::Tensor& gl,
     const at::Tensor& dcy, const at::Tensor& block, double scale, double a, double b, int64_t tile,
-    bool need_dx, bool need_dW, bool fast_grad) {
+    bool need_dx, bool need_dW, bool fast_grad, bool bf16_gemm) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const auto opt = x.options().dtype(acc);
   const int64_t B = x.size(0), C = W.size(0), D = x.size(1);
-  const Plan plan = make_plan(B, C, D, tile, sizeof(T));
-  const int64_t nw = plan.workers;
   const bool kept = block.defined() && block.numel() > 0;
-  const bool fast16 = fast_grad && both_bf16(x, W) && std::is_same_v<T, float>;
+  // bf16-GEMM mode: the recompute too writes bf16 (a kept block is fp32: it is read as it is); the
+  // gradient GEMMs are those of fast_grad either way
+  const bool g16 = use_bf16_gemm<T>(bf16_gemm, x, W) && !kept;
+  const bool fast16 = (fast_grad || bf16_gemm) && both_bf16(x, W) && std::is_same_v<T, float>;
+  const Plan plan = make_plan(B, C, D, tile, sizeof(T), g16);
+  const int64_t nw = plan.workers;
 
   if (!need_dx && !need_dW) return {at::empty({0}, opt), at::empty({0}, W.options())};
 
   const at::Tensor xa = x.to(acc).contiguous();                             // [B, D]
-  const at::Tensor xT = kept ? at::Tensor() : xa.t().contiguous();          // [D, B]
+  const at::Tensor xT = kept ? at::Tensor() : (g16 ? x.t().contiguous() : xa.t().contiguous());  // [D, B]
   const at::Tensor xinv_c = xinv.contiguous(), winv_c = winv.contiguous();
   const at::Tensor xh = need_dW ? (xa * xinv_c.unsqueeze(1)).contiguous() : at::Tensor();  // [B, D] x̂
-  const at::Tensor xh16 = (need_dW && fast16) ? xh.to(at::kBFloat16) : at::Tensor();
+  const at::Tensor xh16 = (need_dW && fast16) ? xh.to(at::kBFloat16) : at::Tensor();  // x̂ in bf16
   const at::Tensor y32 = labels_int32(y, C);
   const at::Tensor f_c = f.contiguous(), lse_c = lse.contiguous(), dcy_c = dcy.contiguous();
   const at::Tensor sf = f_c * scale, sgl = gl.contiguous() * scale;
@@ -359,10 +455,17 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
   // bf16 units for the fp32 GEMMs only where every operand is a bf16 value (the recompute of bf16
   // inputs) — the setting is process-global, so it is on for the whole region or not at all: with
   // bf16 inputs and no fast_grad, the gradient GEMMs are fp32 GEMMs on fp32 dc, so it stays off.
-  OneDnnBf16Matmul bf16_units(both_bf16(x, W) && fast16);
+  OneDnnBf16Matmul bf16_units(both_bf16(x, W) && fast16 && !g16);
   at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
     for (int64_t w = w0; w < w1; ++w) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (g16) {
+          backward_worker_bf16(w, plan, W, xT, xh16, winv_p, rows_all, mg, need_dx, need_dW,
+                               need_dx ? gx_w[w] : at::Tensor(), dW);
+          continue;
+        }
+      }
       at::Tensor sbuf = at::empty({plan.cols, plan.rows}, opt);  // recomputed tile, or dc of a kept one
       at::Tensor dbuf16 = fast16 ? at::empty({plan.cols, plan.rows}, opt.dtype(at::kBFloat16)) : at::Tensor();
       at::Tensor gtmp16 = (fast16 && need_dx) ? at::empty({plan.rows, D}, opt.dtype(at::kBFloat16)) : at::Tensor();
@@ -517,20 +620,22 @@ void check_acc_vector(const char* name, const at::Tensor& t, int64_t n, at::Scal
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_forward_cpu(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv, const at::Tensor& winv, const at::Tensor& y,
-    const at::Tensor& f, double scale, double a, double b, int64_t tile, int64_t keep_block) {
+    const at::Tensor& f, double scale, double a, double b, int64_t tile, int64_t keep_block, int64_t bf16_gemm) {
   check_tile_inputs("native_margin_forward", x, W, xinv, winv, y, tile);
   const auto acc = acc_dtype(x, W);
   check_acc_vector("f", f, x.size(0), acc, x.device());
   at::AutoDispatchBelowADInplaceOrView guard;
-  if (acc == at::kDouble) return forward_impl<double>(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block != 0);
-  return forward_impl<float>(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block != 0);
+  if (acc == at::kDouble) {
+    return forward_impl<double>(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block != 0, bf16_gemm != 0);
+  }
+  return forward_impl<float>(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block != 0, bf16_gemm != 0);
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv, const at::Tensor& winv, const at::Tensor& y,
     const at::Tensor& f, const at::Tensor& lse, const at::Tensor& gl, const at::Tensor& dcy,
     const std::optional<at::Tensor>& block, double scale, double a, double b, int64_t tile, int64_t need_dx,
-    int64_t need_dW, int64_t fast_grad) {
+    int64_t need_dW, int64_t fast_grad, int64_t bf16_gemm) {
   check_tile_inputs("native_margin_backward", x, W, xinv, winv, y, tile);
   const auto acc = acc_dtype(x, W);
   const int64_t B = x.size(0);
@@ -548,10 +653,10 @@ std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
   at::AutoDispatchBelowADInplaceOrView guard;
   if (acc == at::kDouble) {
     return backward_impl<double>(x, W, xinv, winv, y, f, lse, gl, dcy, blk, scale, a, b, tile, need_dx != 0,
-                                 need_dW != 0, fast_grad != 0);
+                                 need_dW != 0, fast_grad != 0, bf16_gemm != 0);
   }
   return backward_impl<float>(x, W, xinv, winv, y, f, lse, gl, dcy, blk, scale, a, b, tile, need_dx != 0,
-                              need_dW != 0, fast_grad != 0);
+                              need_dW != 0, fast_grad != 0, bf16_gemm != 0);
 }
 
 std::tuple<at::Tensor, at::Tensor> npt_forward_cpu(const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv,

@@ -83,6 +83,26 @@ FF_ENTRY(npt_tile,
          npt_tile_impl(t, xinv, y, k, topv, topi))
 #undef FF_ARGS
 
+#define FF_ARGS (src, ld_src, dst, ld_dst, cols, rows)
+FF_ENTRY(widen_tile, (const bf16_bits* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t cols, int64_t rows),
+         widen_tile_impl(src, ld_src, dst, ld_dst, cols, rows))
+FF_ENTRY(narrow_tile, (const float* src, int64_t ld_src, bf16_bits* dst, int64_t ld_dst, int64_t cols, int64_t rows),
+         narrow_tile_impl(src, ld_src, dst, ld_dst, cols, rows))
+#undef FF_ARGS
+
+#define FF_ARGS (src, dst, n)
+FF_ENTRY(accumulate_bf16, (const bf16_bits* src, float* dst, int64_t n), accumulate_bf16_impl(src, dst, n))
+#undef FF_ARGS
+
+#define FF_ARGS (H, Wt, winv, out, n, D)
+FF_ENTRY(w_jacobian_bf16,
+         (const bf16_bits* H, const bf16_bits* Wt, const float* winv, bf16_bits* out, int64_t n, int64_t D),
+         w_jacobian_bf16_impl(H, Wt, winv, out, n, D))
+FF_ENTRY(w_jacobian_bf16,
+         (const float* H, const bf16_bits* Wt, const float* winv, bf16_bits* out, int64_t n, int64_t D),
+         w_jacobian_bf16_impl(H, Wt, winv, out, n, D))
+#undef FF_ARGS
+
 const char* epilogue_isa() {
   switch (isa()) {
     case Isa::kV4:

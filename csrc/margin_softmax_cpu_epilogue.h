@@ -334,12 +334,92 @@ FF_ALWAYS_INLINE void npt_tile_impl(const Tile<T>& t, const T* xinv, const int32
   for (; b < t.rows; ++b) npt_group<T, 1>(t, b, xinv, y, k, topv, topi);
 }
 
+// ---------------------------------------------------------------------------------------------
+// bf16 tiles (the bf16-GEMM precision mode, FUSEDFACE_NATIVE_PRECISION=bf16): the GEMM writes bf16,
+// seen here as bit patterns (no torch header in this file). The epilogues above do not read bf16
+// themselves: with 16-bit loads in the same loop as the fp32 math, GCC sizes every vector by the
+// 16-bit type (a 16-lane group becomes ymm pairs, masks spill: measured 2.5x slower). A separate
+// streaming pass over the tile (L2-resident) widens it into the fp32 buffer the epilogues read, and
+// another rounds their dc·winv back to bf16 for the gradient GEMMs: each a few % of the epilogue.
+// Widening is exact; rounding is to nearest-even with NaN kept NaN, as c10::BFloat16 does.
+using bf16_bits = uint16_t;
+
+FF_ALWAYS_INLINE float widen(bf16_bits h) { return __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16); }
+
+FF_ALWAYS_INLINE bf16_bits to_bf16(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<bf16_bits>(v != v ? 0x7FC0u : rounded);
+}
+
+// [cols, rows] blocks with leading dimensions ld_src / ld_dst (elements)
+FF_ALWAYS_INLINE void widen_tile_impl(const bf16_bits* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t cols,
+                                      int64_t rows) {
+  for (int64_t j = 0; j < cols; ++j) {
+    const bf16_bits* s = src + j * ld_src;
+    float* d = dst + j * ld_dst;
+    for (int64_t b = 0; b < rows; ++b) d[b] = widen(s[b]);
+  }
+}
+
+FF_ALWAYS_INLINE void narrow_tile_impl(const float* src, int64_t ld_src, bf16_bits* dst, int64_t ld_dst, int64_t cols,
+                                       int64_t rows) {
+  for (int64_t j = 0; j < cols; ++j) {
+    const float* s = src + j * ld_src;
+    bf16_bits* d = dst + j * ld_dst;
+    for (int64_t b = 0; b < rows; ++b) d[b] = to_bf16(s[b]);
+  }
+}
+
+// The W-side normalisation Jacobian of the bf16-GEMM mode (margin_softmax_cpu.cpp, w_jacobian, has
+// the math): H_k and W_k bf16 rows, fp32 arithmetic, dW_k rounded to bf16. HT: bf16_bits, or float
+// when H was summed over several row blocks.
+template <typename HT>
+FF_ALWAYS_INLINE void w_jacobian_bf16_impl(const HT* H, const bf16_bits* Wt, const float* winv, bf16_bits* out,
+                                           int64_t n, int64_t D) {
+  auto load = [](HT v) -> float {
+    if constexpr (std::is_same_v<HT, float>) {
+      return v;
+    } else {
+      return widen(v);
+    }
+  };
+  for (int64_t k = 0; k < n; ++k) {
+    const HT* h = H + k * D;
+    const bf16_bits* w = Wt + k * D;
+    // 16 partial sums: a plain `dot +=` loop is a serial fp32 chain the compiler may not reorder
+    float part[16] = {};
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      for (int v = 0; v < 16; ++v) part[v] += load(h[d + v]) * widen(w[d + v]);
+    }
+    float dot = 0.0f;
+    for (int v = 0; v < 16; ++v) dot += part[v];
+    for (; d < D; ++d) dot += load(h[d]) * widen(w[d]);
+    const float coef = dot * winv[k] * winv[k];
+    bf16_bits* o = out + k * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = to_bf16(load(h[d]) - coef * widen(w[d]));
+  }
+}
+
+// dst[i] += src[i] for a bf16 src and an fp32 dst (a tile's bf16 partial embedding gradient into
+// the worker's fp32 accumulator), n contiguous elements
+FF_ALWAYS_INLINE void accumulate_bf16_impl(const bf16_bits* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += widen(src[i]);
+}
+
 // The entry points, one per dtype; defined (and multiversioned) in margin_softmax_cpu_epilogue.cpp.
 void forward_tile(const Tile<float>& t, const Rows<float>& p, const ForwardState<float>& st, Margin<float> mg);
 void forward_tile(const Tile<double>& t, const Rows<double>& p, const ForwardState<double>& st, Margin<double> mg);
 void backward_tile(const BackwardTile<float, float>& t, const BackwardRows<float>& p, Margin<float> mg);
 void backward_tile(const BackwardTile<double, double>& t, const BackwardRows<double>& p, Margin<double> mg);
 void npt_tile(const Tile<float>& t, const float* xinv, const int32_t* y, int k, float* topv, int64_t* topi);
+void widen_tile(const bf16_bits* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t cols, int64_t rows);
+void narrow_tile(const float* src, int64_t ld_src, bf16_bits* dst, int64_t ld_dst, int64_t cols, int64_t rows);
+void w_jacobian_bf16(const bf16_bits* H, const bf16_bits* Wt, const float* winv, bf16_bits* out, int64_t n,
+                     int64_t D);
+void w_jacobian_bf16(const float* H, const bf16_bits* Wt, const float* winv, bf16_bits* out, int64_t n, int64_t D);
+void accumulate_bf16(const bf16_bits* src, float* dst, int64_t n);
 void npt_tile(const Tile<double>& t, const double* xinv, const int32_t* y, int k, double* topv, int64_t* topi);
 
 // which code path the loader picked for this CPU ("x86-64-v4", "x86-64-v3", "baseline")

@@ -168,7 +168,8 @@ void check_vec(const char* name, const at::Tensor& t, int64_t n, at::ScalarType 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_forward_cuda(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv, const at::Tensor& winv, const at::Tensor& y,
-    const at::Tensor& f, double scale, double a, double b, int64_t tile, int64_t keep_block) {
+    const at::Tensor& f, double scale, double a, double b, int64_t tile, int64_t keep_block, int64_t bf16_gemm) {
+  (void)bf16_gemm;  // CPU-only mode: CUDA GEMMs run in the accumulation dtype
   check_tile_inputs("native_margin_forward", x, W, xinv, winv, y, tile);
   const auto acc = acc_dtype(x, W);
   check_vec("f", f, x.size(0), acc, x.device());
@@ -184,8 +185,9 @@ std::tuple<at::Tensor, at::Tensor> margin_backward_cuda(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv, const at::Tensor& winv, const at::Tensor& y,
     const at::Tensor& f, const at::Tensor& lse, const at::Tensor& gl, const at::Tensor& dcy,
     const std::optional<at::Tensor>& block, double scale, double a, double b, int64_t tile, int64_t need_dx,
-    int64_t need_dW, int64_t fast_grad) {
+    int64_t need_dW, int64_t fast_grad, int64_t bf16_gemm) {
   (void)fast_grad;  // CUDA GEMMs run in the accumulation dtype (TF32 follows torch's matmul setting)
+  (void)bf16_gemm;
   check_tile_inputs("native_margin_backward", x, W, xinv, winv, y, tile);
   const auto acc = acc_dtype(x, W);
   const int64_t B = x.size(0);

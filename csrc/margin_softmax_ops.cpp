@@ -55,11 +55,12 @@ void check_tile_inputs(const char* op, const at::Tensor& x, const at::Tensor& W,
 TORCH_LIBRARY(fusedface, m) {
   m.def(
       "native_margin_forward(Tensor x, Tensor W, Tensor xinv, Tensor winv, Tensor y, Tensor f, float scale, "
-      "float a, float b, int tile, int keep_block) -> (Tensor lse, Tensor pred, Tensor sv, Tensor block)");
+      "float a, float b, int tile, int keep_block, int bf16_gemm=0) -> (Tensor lse, Tensor pred, Tensor sv, "
+      "Tensor block)");
   m.def(
       "native_margin_backward(Tensor x, Tensor W, Tensor xinv, Tensor winv, Tensor y, Tensor f, Tensor lse, "
       "Tensor gl, Tensor dcy, Tensor? block, float scale, float a, float b, int tile, int need_dx, int need_dW, "
-      "int fast_grad) -> (Tensor Gx, Tensor dW)");
+      "int fast_grad, int bf16_gemm=0) -> (Tensor Gx, Tensor dW)");
   m.def(
       "native_npt_forward(Tensor x, Tensor W, Tensor xinv, Tensor winv, Tensor y, int k, int tile) "
       "-> (Tensor values, Tensor index)");

@@ -3,10 +3,10 @@
 Importing this module needs the compiled ``fusedface._C`` (``fusedface._backends`` checks that
 first); it registers the dispatcher ops
 
-* ``fusedface::native_margin_forward(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block)``
+* ``fusedface::native_margin_forward(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block, bf16_gemm=0)``
   ``-> (lse, pred, sv, block)``
 * ``fusedface::native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, block?, scale, a, b, tile,``
-  ``need_dx, need_dW, fast_grad) -> (Gx, dW)``
+  ``need_dx, need_dW, fast_grad, bf16_gemm=0) -> (Gx, dW)``
 * ``fusedface::native_npt_forward(x, W, xinv, winv, y, k, tile) -> (values, index)``
 
 with CPU kernels (and CUDA kernels when ``fusedface._C`` was built with them), and adds their fake
@@ -18,6 +18,13 @@ that keeps one tile buffer in a core's cache (``docs/native.md``).
 
 Environment:
 
+* ``FUSEDFACE_NATIVE_PRECISION=bf16``: with bf16 ``x`` and ``W`` on CPU, every tile GEMM is a plain
+  bf16 GEMM with bf16 output (fp32 accumulation inside), as ``torch.mm`` of bf16 tensors and an
+  autocast pipeline are: the cosines are rounded to bf16 (2⁻⁹ relative; at s = 64 a logit moves by up
+  to 0.125), the epilogues still compute in fp32 from them and the gradients accumulate across tiles
+  in fp32; includes ``FAST_GRAD`` below. About the precision of plain bf16 PyTorch, at about the speed
+  of its four bf16 ``torch.mm`` products. Default ``fp32`` (fp32-grade cosines). Ignored on CUDA, for
+  other dtypes, for NPT and by the kept-block variant's forward (its block holds fp32 cosines).
 * ``FUSEDFACE_NATIVE_FAST_GRAD=1``: with bf16 ``x`` and ``W`` on CPU, the two gradient GEMMs of the
   backward are bf16 GEMMs (``dℓ/dc`` and ``x̂`` rounded to bf16, each tile's partial product rounded
   to bf16, accumulated in fp32), about twice as fast as the fp32 ones; gradients about twice the
@@ -68,10 +75,21 @@ def fast_grad() -> int:
     return 1 if os.environ.get("FUSEDFACE_NATIVE_FAST_GRAD", "0").strip() in ("1", "true", "yes", "on") else 0
 
 
+_PRECISIONS = {"": 0, "fp32": 0, "default": 0, "bf16": 1}
+
+
+def bf16_gemm() -> int:
+    """1 when ``FUSEDFACE_NATIVE_PRECISION=bf16`` (the bf16-GEMM mode), 0 for ``fp32`` (default)."""
+    value = os.environ.get("FUSEDFACE_NATIVE_PRECISION", "").strip().lower()
+    if value not in _PRECISIONS:
+        raise ValueError(f"FUSEDFACE_NATIVE_PRECISION={value!r}: expected 'fp32' (the default) or 'bf16'")
+    return _PRECISIONS[value]
+
+
 # ------------------------------------------------------------------ fake kernels (torch.compile)
 
 @torch.library.register_fake("fusedface::native_margin_forward")
-def _margin_forward_fake(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block):
+def _margin_forward_fake(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block, bf16_gemm=0):
     B, C = x.shape[0], W.shape[0]
     block = f.new_empty((C, B)) if keep_block else f.new_empty((0,))
     return f.new_empty((B,)), y.new_empty((B,)), y.new_empty((B,), dtype=torch.int32), block
@@ -79,7 +97,7 @@ def _margin_forward_fake(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block):
 
 @torch.library.register_fake("fusedface::native_margin_backward")
 def _margin_backward_fake(x, W, xinv, winv, y, f, lse, gl, dcy, block, scale, a, b, tile, need_dx, need_dW,
-                          fast_grad):
+                          fast_grad, bf16_gemm=0):
     gx = f.new_empty(x.shape) if need_dx else f.new_empty((0,))
     dw = W.new_empty(W.shape) if need_dW else W.new_empty((0,))
     return gx, dw
@@ -96,14 +114,15 @@ def _npt_forward_fake(x, W, xinv, winv, y, k, tile):
 def margin_forward(x, W, xinv, winv, y, f, opts, tile):
     a, b = opts.rewrite
     lse, pred, sv, _ = _OPS.native_margin_forward(x, W, xinv, winv, y, f, float(opts.scale), float(a), float(b),
-                                                  int(tile), 0)
+                                                  int(tile), 0, bf16_gemm())
     return lse, pred, sv
 
 
 def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW):
     a, b = opts.rewrite
     Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, None, float(opts.scale), float(a),
-                                         float(b), int(tile), int(bool(need_dx)), int(bool(need_dW)), fast_grad())
+                                         float(b), int(tile), int(bool(need_dx)), int(bool(need_dW)), fast_grad(),
+                                         bf16_gemm())
     return (Gx if need_dx else None), (dW if need_dW else None)
 
 
@@ -157,7 +176,7 @@ class KeptBlockMarginSoftmax(torch.autograd.Function):
         a, b = opts.rewrite
         Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, block, float(opts.scale),
                                              float(a), float(b), int(ctx.tile), int(need_dx), int(need_dW),
-                                             fast_grad())
+                                             fast_grad(), bf16_gemm())  # the kept block is read as it is
         dx = x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
         return dx, (dW if need_dW else None), None, None, None, None, None
 
@@ -187,5 +206,5 @@ def margin_softmax_loss_kept_block(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.
     return R._reduce(rows, y != opts.ignore_index, opts.reduction)
 
 
-__all__ = ["name", "supports_device", "margin_forward", "margin_backward", "npt_forward", "build_info",
+__all__ = ["name", "supports_device", "margin_forward", "margin_backward", "npt_forward", "build_info", "bf16_gemm",
            "cuda_built", "margin_softmax_loss_kept_block", "KeptBlockMarginSoftmax"]

@@ -226,6 +226,122 @@ def test_half_precision_finite_and_close(dtype, kw, fast, monkeypatch):
                                   f"{err_ref:.3e}, plain {dtype} pipeline {err_plain:.3e})")
 
 
+# --------------------------------------------------------------------------- bf16-GEMM mode
+
+BF16_FAMILIES = [pytest.param(dict(m2=0.5), id="arcface"),
+                 pytest.param(dict(m3=0.35, negative="mv_adaptive", t=0.2, scale=32.0), id="mv-adaptive-am"),
+                 pytest.param(dict(m1=1.0, m2=0.3, m3=0.2), id="combined"),
+                 pytest.param(dict(scale=32.0, m3=0.35, negative="sv", t=1.2, theta_policy="easy"), id="sv-am")]
+
+
+def _bf16_mode_errors(x, W, y, kw, fn=None, **native_kw):
+    """(truth, plain, got) for bf16 x, W: the float64 reference on the rounded inputs, the plain
+    normalise / bf16 matmul / fp32 CE pipeline, and the native backend in the bf16-GEMM mode."""
+    truth = loss_and_grads(F_.margin_softmax_loss, x.double(), W.double(), y, backend="reference", **kw)
+    plain = loss_and_grads(_plain_half_baseline, x, W, y, kw)
+    if fn is None:
+        got = loss_and_grads(F_.margin_softmax_loss, x, W, y, backend="native", **native_kw, **kw)
+    else:
+        got = loss_and_grads(fn, x, W, y, **native_kw, **kw)
+    return truth, plain, got
+
+
+def _assert_no_worse_than_plain(truth, plain, got, slack=1.5, what=""):
+    for name, t, p, g in zip(("loss", "dL/dx", "dL/dW"), truth, plain, got):
+        assert torch.isfinite(g).all(), f"{name}{what}: {int((~torch.isfinite(g)).sum())} non-finite values"
+        scale = float(t.abs().max())
+        e_plain = float((p.double() - t).abs().max())
+        e_got = float((g.double() - t).abs().max())
+        bound = slack * e_plain + 1e-6 * scale
+        assert e_got <= bound, (f"{name}{what}: bf16-GEMM mode error {e_got:.3e} against the float64 truth > "
+                                f"{slack} x the plain bf16 pipeline's {e_plain:.3e} (+1e-6 of {scale:.3e})")
+
+
+@pytest.mark.parametrize("kw", BF16_FAMILIES)
+def test_bf16_gemm_mode_no_worse_than_plain_bf16(kw, monkeypatch):
+    """FUSEDFACE_NATIVE_PRECISION=bf16: every tile GEMM writes bf16, like a plain bf16 pipeline. Its
+    error against the float64 truth (the reference on the same rounded inputs) must be no larger
+    than that pipeline's (normalise, bf16 matmul, fp32 cross-entropy), within 1.5x."""
+    monkeypatch.setenv("FUSEDFACE_NATIVE_PRECISION", "bf16")
+    x, W, y = make_problem(64, 96, 700, ignore=(2,), past_pi=(4,), near_centre=(5,))
+    xq, Wq = x.bfloat16(), W.bfloat16()
+    truth, plain, got = _bf16_mode_errors(xq, Wq, y, kw, tile_size=128)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    _assert_no_worse_than_plain(truth, plain, got)
+
+
+def test_bf16_gemm_mode_row_blocks_small_tiles_and_kept_block(monkeypatch):
+    """Several row blocks per tile (dW summed in fp32 over them), a tiny tile buffer with a partial
+    last tile, and the kept-block variant (fp32 block, bf16 gradient GEMMs): same bound."""
+    monkeypatch.setenv("FUSEDFACE_NATIVE_PRECISION", "bf16")
+    x, W, y = make_problem(B, D, C, **PROBLEM)
+    xq, Wq = x.bfloat16(), W.bfloat16()
+    kw = dict(m2=0.5)
+    monkeypatch.setenv("FUSEDFACE_NATIVE_ROW_BLOCK", "10")
+    monkeypatch.setenv("FUSEDFACE_NATIVE_TILE_BYTES", "4096")
+    _assert_no_worse_than_plain(*_bf16_mode_errors(xq, Wq, y, kw, tile_size=TILE), what=" (row blocks)")
+    monkeypatch.delenv("FUSEDFACE_NATIVE_ROW_BLOCK")
+    monkeypatch.delenv("FUSEDFACE_NATIVE_TILE_BYTES")
+    _assert_no_worse_than_plain(*_bf16_mode_errors(xq, Wq, y, kw, fn=_native.margin_softmax_loss_kept_block,
+                                                   tile_size=TILE), what=" (kept block)")
+
+
+def test_bf16_gemm_mode_cosines_exactly_plus_and_minus_one(monkeypatch):
+    """s = 64, rows exactly on their centre (cosine +1), exactly opposite it (−1) and exactly on
+    ANOTHER class's centre (a negative at +1, whose logit then beats the target's): the bf16
+    products may round past ±1 — the clamp must keep every value finite."""
+    monkeypatch.setenv("FUSEDFACE_NATIVE_PRECISION", "bf16")
+    x, W, y = make_problem(32, 64, 300, seed=5)
+    xq, Wq = x.bfloat16(), W.bfloat16()
+    xq[0] = 2 * Wq[y[0]]      # cos = +1 (x2 is exact in bf16)
+    xq[1] = -2 * Wq[y[1]]     # cos = −1: θ + m passes π
+    xq[2] = Wq[(int(y[2]) + 1) % 300]  # a negative column at cos = +1
+    for kw in (dict(m2=0.5), dict(m3=0.35), dict(m2=0.5, negative="mv_adaptive", t=0.2)):
+        got = loss_and_grads(F_.margin_softmax_loss, xq, Wq, y, backend="native", scale=64.0, tile_size=64, **kw)
+        for name, g in zip(("loss", "dL/dx", "dL/dW"), got):
+            assert torch.isfinite(g).all(), f"{name} {kw}: {int((~torch.isfinite(g)).sum())} non-finite values"
+        truth = loss_and_grads(F_.margin_softmax_loss, xq.double(), Wq.double(), y, backend="reference", scale=64.0,
+                               **kw)
+        assert_close(got[0], truth[0], rtol=1e-3, name=f"loss {kw}")
+
+
+def test_bf16_gemm_mode_changes_nothing_else(monkeypatch):
+    """The switch only touches bf16 x and W on CPU: fp32, fp64 and fp16 inputs give bitwise the
+    default's results; 'fp32' is the default; an unknown value is an error naming the choices."""
+    x, W, y = make_problem(B, D, C, **PROBLEM)
+    for dtype in (torch.float64, torch.float32, torch.float16):
+        xd, Wd = x.to(dtype), W.to(dtype)
+        monkeypatch.delenv("FUSEDFACE_NATIVE_PRECISION", raising=False)
+        default = loss_and_grads(F_.margin_softmax_loss, xd, Wd, y, backend="native", tile_size=TILE, m2=0.5)
+        for value in ("fp32", "bf16"):
+            monkeypatch.setenv("FUSEDFACE_NATIVE_PRECISION", value)
+            got = loss_and_grads(F_.margin_softmax_loss, xd, Wd, y, backend="native", tile_size=TILE, m2=0.5)
+            for a, b in zip(default, got):
+                assert torch.equal(a, b), (dtype, value)
+    monkeypatch.setenv("FUSEDFACE_NATIVE_PRECISION", "half")
+    with pytest.raises(ValueError, match="expected 'fp32'"):
+        F_.margin_softmax_loss(x.bfloat16(), W.bfloat16(), y, backend="native")
+
+
+def test_bf16_gemm_mode_opcheck_and_thread_determinism():
+    x, W, xinv, winv, y, f = _op_args(torch.bfloat16, B_=21, D_=17, C_=53)
+    torch.library.opcheck(OPS.native_margin_forward, (x, W, xinv, winv, y, f, 64.0, 1.2, 0.2, 8, 0, 1))
+    lse = OPS.native_margin_forward(x, W, xinv, winv, y, f, 64.0, 1.2, 0.2, 8, 0, 1)[0]
+    gl, dcy = torch.ones_like(lse), -torch.ones_like(lse)
+    args = (x, W, xinv, winv, y, f, lse, gl, dcy, None, 64.0, 1.2, 0.2, 8)
+    for need_dx, need_dW in ((1, 1), (1, 0), (0, 1)):
+        torch.library.opcheck(OPS.native_margin_backward, (*args, need_dx, need_dW, 0, 1))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        one = OPS.native_margin_backward(*args, 1, 1, 0, 1)
+        two = OPS.native_margin_backward(*args, 1, 1, 0, 1)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b), "a fixed thread count must give bitwise identical results"
+
+
 # --------------------------------------------------------------------------- kept block
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
