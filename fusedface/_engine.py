@@ -53,19 +53,13 @@ def inverse_norms(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return 1.0 / torch.linalg.vector_norm(t, dim=1, dtype=dtype).clamp(min=EPS_NORM)
 
 
-def margin_prologue(x, W, y, opts: MarginOptions, m2, m3, cdt):
-    """O(B·D) work before the pass: norms, target cosines, ``f_b`` and ``dT/dc`` per row."""
-    B = x.shape[0]
-    valid = y != opts.ignore_index
-    y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
-    y_safe = y_lab.clamp(min=0)
-    xinv = inverse_norms(x, cdt)
-    winv = inverse_norms(W, cdt)
-    raw_y = (x.to(cdt) * W[y_safe].to(cdt)).sum(dim=1) * xinv * winv[y_safe]
+def target_transform(raw_y, opts: MarginOptions, m2, m3):
+    """``(f, slope)`` per row from the raw (unclamped) target cosines (SPEC §2): ``f_b = T(c_y)``
+    with the theta policy applied, and ``dT/dc`` at ``c_y`` (1 under ``straight_through``, 0 where
+    the raw cosine left ``[-1, 1]`` and the clamp blocks the gradient). ``m2``, ``m3``: ``[B]``.
+    Shared by the single-process prologue and the sharded one (``fusedface.distributed``)."""
     in_y = (raw_y >= -1.0) & (raw_y <= 1.0)
     c_y = raw_y.clamp(-1.0, 1.0)
-    m2 = row_margin(m2, B, x.device, cdt)
-    m3 = row_margin(m3, B, x.device, cdt)
     theta = torch.acos(c_y)
     angle = opts.m1 * theta + m2
     f = torch.cos(angle) - m3
@@ -81,8 +75,25 @@ def margin_prologue(x, W, y, opts: MarginOptions, m2, m3, cdt):
         slope = torch.where(easy, slope, one)
     if opts.grad_mode == "straight_through":
         slope = one
-    slope = slope * in_y.to(cdt)
-    return valid, y_lab, xinv, winv, c_y, f, slope
+    return f, slope * in_y.to(slope.dtype)
+
+
+def margin_prologue(x, W, y, opts: MarginOptions, m2, m3, cdt):
+    """O(B·D) work before the pass: norms, target cosines, ``f_b`` and ``dT/dc`` per row."""
+    B = x.shape[0]
+    valid = y != opts.ignore_index
+    y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
+    y_safe = y_lab.clamp(min=0)
+    xinv = inverse_norms(x, cdt)
+    winv = inverse_norms(W, cdt)
+    raw_y = (x.to(cdt) * W[y_safe].to(cdt)).sum(dim=1) * xinv * winv[y_safe]
+    f, slope = target_transform(raw_y, opts, row_margin(m2, B, x.device, cdt), row_margin(m3, B, x.device, cdt))
+    return valid, y_lab, xinv, winv, raw_y.clamp(-1.0, 1.0), f, slope
+
+
+def target_column_grad(opts: MarginOptions, f, lse, gl, slope):
+    """``dℓ/dc`` on the label column: ``s·(p_y − 1)·gl·dT/dc`` with ``p_y = exp(s·f − lse)``."""
+    return opts.scale * (torch.exp(opts.scale * f - lse) - 1.0) * gl * slope
 
 
 def margin_forward_rows(x, W, y, m2, m3, opts: MarginOptions, kernels, tile: int):
@@ -112,8 +123,7 @@ def margin_backward_grads(grad_rows, saved, opts: MarginOptions, kernels, tile: 
     """``(dL/dx or None, dL/dW or None)`` from the upstream per-row gradient and ``saved``."""
     x, W, y_lab, xinv, winv, f, slope, lse, valid = saved
     gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
-    p_y = torch.exp(opts.scale * f - lse)
-    dcy = opts.scale * (p_y - 1.0) * gl * slope
+    dcy = target_column_grad(opts, f, lse, gl, slope)
     Gx, dW = kernels.margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, opts, tile, need_dx, need_dW)
     dx = x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
     return dx, (dW if need_dW else None)
@@ -179,49 +189,42 @@ def npt_backward_grads(grad_rows, saved, opts: NPTOptions, need_dx: bool, need_d
     found = topi >= 0
     coef = 2.0 * opts.r ** 2 * gl[:, None] * ((hinge > 0) & found).to(cdt)  # [B, k] on c_bj
     cols = torch.cat([torch.where(found, topi, y_safe[:, None]), y_safe[:, None]], dim=1)  # [B, k+1]
-    # dℓ/dc on the label column is −Σ coef; the clamp blocks columns whose raw cosine left [-1, 1]
-    dc = torch.cat([coef, -coef.sum(dim=1, keepdim=True)], dim=1)
-    Wg = W[cols].to(cdt)  # [B, k+1, D]
+    dc = torch.cat([coef, -coef.sum(dim=1, keepdim=True)], dim=1)  # the label column: −Σ coef
+    Gx, dW = sparse_column_grads(x, xinv, W, winv, cols, dc, need_dx, need_dW)
+    return (x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None), dW
+
+
+def sparse_column_grads(x, xinv, W, winv, cols, dc, need_dx: bool, need_dW: bool):
+    """Gradients of ``Σ_bj dc_bj·c(b, cols_bj)`` through the cosines of a few columns per row.
+
+    ``cols [B, j]`` indexes rows of ``W``; ``dc [B, j]`` is ``dℓ/dc`` there. The clamp to
+    ``[-1, 1]`` blocks columns whose raw cosine left it. Returns ``(Gx, dW)``: ``Gx = Σ_j dc·ŵ``
+    in the accumulation dtype, before the x-side Jacobian (or None), and ``dL/dW`` in ``W``'s
+    dtype with its Jacobian applied (or None). Used by NPT's backward, single-process and sharded.
+    Bitwise reproducible without ``torch.use_deterministic_algorithms``: on CUDA ``index_add_``
+    uses atomics while ``index_put_(accumulate=True)`` sorts the indices and sums each class in
+    order; on CPU it is the other way round."""
+    cdt = xinv.dtype
+    Wg = W[cols].to(cdt)  # [B, j, D]
+    wi = winv[cols]
     xh = x.to(cdt) * xinv[:, None]
-    raw = torch.einsum("bd,bjd->bj", xh, Wg) * winv[cols]
+    raw = torch.einsum("bd,bjd->bj", xh, Wg) * wi
     dc = dc * ((raw >= -1.0) & (raw <= 1.0)).to(cdt)
-    dx = dW = None
+    Gx = dW = None
     if need_dx:
-        Gx = torch.einsum("bj,bjd->bd", dc * winv[cols], Wg)
-        dx = x_jacobian(x, xinv, Gx).to(x.dtype)
+        Gx = torch.einsum("bj,bjd->bd", dc * wi, Wg)
     if need_dW:
-        wh = Wg * winv[cols][..., None]
-        Gw = dc[..., None] * xh[:, None, :]  # [B, k+1, D], one contribution per (row, column)
-        contrib = (Gw - (Gw * wh).sum(-1, keepdim=True) * wh) * winv[cols][..., None]
+        wh = Wg * wi[..., None]
+        Gw = dc[..., None] * xh[:, None, :]  # [B, j, D], one contribution per (row, column)
+        contrib = (Gw - (Gw * wh).sum(-1, keepdim=True) * wh) * wi[..., None]
         acc = torch.zeros(W.shape, dtype=cdt if W.dtype != cdt else W.dtype, device=W.device)
-        # bitwise reproducible without torch.use_deterministic_algorithms: on CUDA index_add_ uses
-        # atomics while index_put_(accumulate=True) sorts the indices and sums each class in order;
-        # on CPU it is the other way round
         idx, val = cols.reshape(-1), contrib.reshape(-1, W.shape[1])
         if acc.is_cuda:
             acc.index_put_((idx,), val, accumulate=True)
         else:
             acc.index_add_(0, idx, val)
         dW = acc.to(W.dtype)
-    return dx, dW
-
-
-class NPTFunction(torch.autograd.Function):
-    """Per-row NPT losses ``[B]`` (0 on ignored rows). The backward is sparse and needs no pass
-    over the classes: only the ``k`` selected columns and the label column carry gradient."""
-
-    @staticmethod
-    def forward(ctx, x, W, y, opts: NPTOptions, kernels, tile: int):
-        rows, saved = npt_forward_rows(x, W, y, opts, kernels, tile)
-        ctx.save_for_backward(*saved)
-        ctx.opts = opts
-        return rows
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        dx, dW = npt_backward_grads(grad_rows, ctx.saved_tensors, ctx.opts,
-                                    ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, dW, None, None, None, None
+    return Gx, dW
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,10 +240,14 @@ class NPTFunction(torch.autograd.Function):
 # are marked non-differentiable.
 
 def _kernels_of(backend: str, device: torch.device):
+    """The tile-kernels module of a fused backend (``auto`` resolved for ``device``)."""
     from ._backends import resolve  # at call time: resolving imports the optional backends
+    from ._validate import check_backend_name
+    check_backend_name(backend)
     name, kernels = resolve(backend, device)
     if kernels is None:
-        raise ValueError(f"backend={backend!r} has no fused kernels; the registered ops run the fused backends only")
+        raise ValueError(f"backend={backend!r} has no fused kernels: the fused passes (and the sharded heads) need "
+                         "a fused backend, 'auto', 'torch', 'native' or 'triton'; the reference is the materialised oracle")
     return kernels
 
 

@@ -31,18 +31,18 @@ Environment:
   default's error, like autocast training. Default ``0`` keeps fp32-grade gradients (the contract of
   the other backends). Ignored on CUDA and for other dtypes.
 * ``FUSEDFACE_NATIVE_ONEDNN=0``: fp32 tile GEMMs through ``at::mm`` (MKL/OpenBLAS) instead of oneDNN.
-* ``FUSEDFACE_NATIVE_TILE_BYTES`` (default 524288), ``FUSEDFACE_NATIVE_ROW_BLOCK`` (default 1024):
+* ``FUSEDFACE_NATIVE_TILE_BYTES`` (default 524288; in the bf16-GEMM mode 512 KiB × clamp(512 // D, 1, 4),
+  up to 2 MiB), ``FUSEDFACE_NATIVE_ROW_BLOCK`` (default 1024):
   the per-worker tile buffer and the rows per GEMM; ``FUSEDFACE_NATIVE_ONEDNN_BF16=0`` keeps even
   the exact bf16 products on the fp32 GEMM.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers the fusedface::native_* ops)
-from ._engine import margin_prologue, x_jacobian
+from ._env import env_choice, env_flag
+from ._engine import margin_backward_grads, margin_forward_rows
 from ._options import MarginOptions
 from .reference import compute_dtype
 
@@ -72,18 +72,13 @@ def supports_device(device) -> bool:
 
 
 def fast_grad() -> int:
-    return 1 if os.environ.get("FUSEDFACE_NATIVE_FAST_GRAD", "0").strip() in ("1", "true", "yes", "on") else 0
-
-
-_PRECISIONS = {"": 0, "fp32": 0, "default": 0, "bf16": 1}
+    """1 when ``FUSEDFACE_NATIVE_FAST_GRAD`` is on (default off)."""
+    return int(env_flag("FUSEDFACE_NATIVE_FAST_GRAD", False))
 
 
 def bf16_gemm() -> int:
     """1 when ``FUSEDFACE_NATIVE_PRECISION=bf16`` (the bf16-GEMM mode), 0 for ``fp32`` (default)."""
-    value = os.environ.get("FUSEDFACE_NATIVE_PRECISION", "").strip().lower()
-    if value not in _PRECISIONS:
-        raise ValueError(f"FUSEDFACE_NATIVE_PRECISION={value!r}: expected 'fp32' (the default) or 'bf16'")
-    return _PRECISIONS[value]
+    return int(env_choice("FUSEDFACE_NATIVE_PRECISION", ("fp32", "default", "bf16"), "fp32") == "bf16")
 
 
 # ------------------------------------------------------------------ fake kernels (torch.compile)
@@ -142,43 +137,52 @@ def block_fits(B: int, C: int, dtype: torch.dtype, budget: int | None = None) ->
     return B * C * elt <= budget
 
 
+class _KeptBlockKernels:
+    """The native tile kernels with the forward's ``[C, B]`` block of cosines handed to the backward."""
+
+    def __init__(self):
+        self.block = None
+
+    def margin_forward(self, x, W, xinv, winv, y, f, opts, tile):
+        a, b = opts.rewrite
+        lse, pred, sv, self.block = _OPS.native_margin_forward(x, W, xinv, winv, y, f, float(opts.scale), float(a),
+                                                               float(b), int(tile), 1)
+        return lse, pred, sv
+
+    def margin_backward(self, x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW):
+        a, b = opts.rewrite
+        Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, self.block, float(opts.scale),
+                                             float(a), float(b), int(tile), int(bool(need_dx)), int(bool(need_dW)),
+                                             fast_grad(), bf16_gemm())  # the kept block is read as it is
+        return (Gx if need_dx else None), (dW if need_dW else None)
+
+
 class KeptBlockMarginSoftmax(torch.autograd.Function):
     """The margin-softmax pass that keeps the ``[C, B]`` cosines of the forward for the backward,
     which then skips the recomputing GEMM: three matrix products per step instead of four, at the
-    price of ``4·B·C`` bytes (fp32) held between forward and backward. Same prologue, saved
-    values and Jacobians as :class:`fusedface._engine.MarginSoftmaxFunction`."""
+    price of ``4·B·C`` bytes (fp32) held between forward and backward. The engine's forward and
+    backward (:func:`fusedface._engine.margin_forward_rows`, ``margin_backward_grads``) around the
+    native kernels, the block travelling from one to the other."""
 
     @staticmethod
     def forward(ctx, x, W, y, m2, m3, opts: MarginOptions, tile: int):
-        cdt = compute_dtype(x, W)
-        x = x.contiguous()
-        W = W.contiguous()
-        valid, y_lab, xinv, winv, c_y, f, slope = margin_prologue(x, W, y, opts, m2, m3, cdt)
-        a, b = opts.rewrite
-        lse, pred, sv, block = _OPS.native_margin_forward(x, W, xinv, winv, y_lab, f, float(opts.scale), float(a),
-                                                          float(b), int(tile), 1)
-        rows = torch.where(valid, lse - opts.scale * f, torch.zeros_like(lse))
-        ctx.save_for_backward(x, W, y_lab, xinv, winv, f, slope, lse, valid, block)
+        kernels = _KeptBlockKernels()
+        rows, pred, sv, saved = margin_forward_rows(x, W, y, m2, m3, opts, kernels, tile)
+        ctx.save_for_backward(*saved, kernels.block)
         ctx.opts, ctx.tile = opts, tile
         ctx.mark_non_differentiable(pred, sv)
         return rows, pred, sv
 
     @staticmethod
     def backward(ctx, grad_rows, _gp, _gs):
-        x, W, y_lab, xinv, winv, f, slope, lse, valid, block = ctx.saved_tensors
-        opts = ctx.opts
         need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dW):
             return (None,) * 7
-        gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
-        p_y = torch.exp(opts.scale * f - lse)
-        dcy = opts.scale * (p_y - 1.0) * gl * slope
-        a, b = opts.rewrite
-        Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, block, float(opts.scale),
-                                             float(a), float(b), int(ctx.tile), int(need_dx), int(need_dW),
-                                             fast_grad(), bf16_gemm())  # the kept block is read as it is
-        dx = x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
-        return dx, (dW if need_dW else None), None, None, None, None, None
+        *saved, block = ctx.saved_tensors
+        kernels = _KeptBlockKernels()
+        kernels.block = block
+        dx, dW = margin_backward_grads(grad_rows, tuple(saved), ctx.opts, kernels, ctx.tile, need_dx, need_dW)
+        return dx, dW, None, None, None, None, None
 
 
 def margin_softmax_loss_kept_block(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
@@ -189,18 +193,15 @@ def margin_softmax_loss_kept_block(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.
     (default 256 MiB); raises ``ValueError`` when it does not (use the recomputing default then)."""
     from . import reference as R
     from ._engine import choose_tile
-    from ._validate import check_embeddings_and_centres, check_labels, check_row_margin
+    from ._validate import check_margin_call
 
     opts = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
                          grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
-    check_embeddings_and_centres(x, W)
+    m2, m3 = check_margin_call(x, W, y, opts.ignore_index, m2, m3)
     B, C = x.shape[0], W.shape[0]
     if not block_fits(B, C, compute_dtype(x, W), budget):
         raise ValueError(f"the [C={C}, B={B}] block of cosines does not fit budget={budget or DEFAULT_BLOCK_BUDGET} "
                          "bytes; raise the budget or use fusedface.functional.margin_softmax_loss (recomputing)")
-    check_labels(y, B, C, opts.ignore_index, x.device)
-    m2 = check_row_margin("m2", m2, B, x.device)
-    m3 = check_row_margin("m3", m3, B, x.device)
     tile = choose_tile(B, x.shape[1], C, None, tile_size)
     rows, _, _ = KeptBlockMarginSoftmax.apply(x, W, y, m2, m3, opts, tile)
     return R._reduce(rows, y != opts.ignore_index, opts.reduction)

@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import struct
 
 import torch
 import triton
 
+from ._backends import triton_interpreted
+from ._env import env_choice, env_flag
 from .triton_kernels import margin_softmax as K
 
 name = "triton"
@@ -162,34 +163,21 @@ def override(configs: dict[str, LaunchConfig] | None = None, splits: int | None 
         _OVERRIDE.update(old)
 
 
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _env_flag(var: str, default: str) -> bool:
-    v = os.environ.get(var, default).strip().lower()
-    if v not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
-        raise ValueError(f"{var}={v!r}: use 1 or 0")
-    return v in ("1", "true", "yes", "on")
-
-
 def autotune_enabled() -> bool:
-    return _env_flag("FUSEDFACE_TRITON_AUTOTUNE", "0")
+    return env_flag("FUSEDFACE_TRITON_AUTOTUNE", False)
 
 
 def deterministic() -> bool:
-    return torch.are_deterministic_algorithms_enabled() or _env_flag("FUSEDFACE_TRITON_DETERMINISTIC", "1")
+    return torch.are_deterministic_algorithms_enabled() or env_flag("FUSEDFACE_TRITON_DETERMINISTIC", True)
 
 
 def fast_grad() -> bool:
-    return _env_flag("FUSEDFACE_TRITON_FAST_GRAD", "0")
+    return env_flag("FUSEDFACE_TRITON_FAST_GRAD", False)
 
 
 def fp32_precision() -> str:
-    env = os.environ.get("FUSEDFACE_TRITON_FP32_PRECISION", "").strip().lower()
-    if env:
-        if env not in ("ieee", "tf32", "tf32x3"):
-            raise ValueError(f"FUSEDFACE_TRITON_FP32_PRECISION={env!r}: use ieee, tf32 or tf32x3")
+    env = env_choice("FUSEDFACE_TRITON_FP32_PRECISION", ("ieee", "tf32", "tf32x3"), None)
+    if env is not None:
         return env
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
@@ -307,7 +295,7 @@ def _prune_resident(configs, named_args, **kwargs):
 def _kernel(kind: str, prec: str):
     """Returns ``(launchable, tuned)``; a tuned launchable takes no block sizes (autotune picks them,
     and for the gradient kernels the resident/transposed variants too)."""
-    if autotune_enabled() and not interpreted():
+    if autotune_enabled() and not triton_interpreted():
         key = (kind, prec)
         if key not in _TUNED:
             grads = kind in ("dx", "dw")
@@ -521,7 +509,7 @@ _register()
 # ----------------------------------------------------------------------------------------------
 
 def _check(x, W):
-    if x.device.type != "cuda" and not interpreted():
+    if x.device.type != "cuda" and not triton_interpreted():
         raise RuntimeError(f"backend='triton' runs on CUDA tensors (got {x.device.type}); set "
                            "TRITON_INTERPRET=1 before importing triton to run it on CPU tensors for testing")
     if x.stride(1) != 1 or W.stride(1) != 1:

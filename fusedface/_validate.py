@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from ._backends import BACKENDS
+
 _CHECKS = {"enabled": False}
 
 
@@ -31,7 +33,7 @@ def input_checks_enabled() -> bool:
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKEND_NAMES = ("auto", "reference", "torch", "native", "triton")
+BACKEND_NAMES = ("auto",) + BACKENDS
 
 
 def _compiling() -> bool:
@@ -54,7 +56,9 @@ def check_backend_name(backend) -> None:
         raise ValueError(f"backend={backend!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}")
 
 
-def check_embeddings_and_centres(x: torch.Tensor, W: torch.Tensor) -> None:
+def check_embeddings_and_centres(x: torch.Tensor, W: torch.Tensor, *, allow_empty_batch: bool = False) -> None:
+    """Types, shapes, dtypes and devices of ``x [B, D]`` and ``W [C, D]`` (and, with input checks
+    on, finite values). ``allow_empty_batch``: a rank of a sharded head may hold no rows."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x (embeddings) must be a torch.Tensor of shape [B, D], got {type(x).__name__}")
     if not isinstance(W, torch.Tensor):
@@ -70,7 +74,7 @@ def check_embeddings_and_centres(x: torch.Tensor, W: torch.Tensor) -> None:
             hint = " (W looks like [D, C], the pytorch-metric-learning layout: pass W.t())"
         raise ValueError(
             f"x has D={x.shape[1]} features but W has D={W.shape[1]} columns; W must be [C, D]{hint}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not allow_empty_batch:
         raise ValueError("x (embeddings) is an empty batch (B = 0); pass at least one row")
     if W.shape[0] == 0:
         raise ValueError("W (class centres) has no classes (C = 0)")
@@ -89,7 +93,8 @@ def check_embeddings_and_centres(x: torch.Tensor, W: torch.Tensor) -> None:
                      "a diverged optimiser step or a bad checkpoint wrote them")
 
 
-def check_labels(y: torch.Tensor, B: int, C: int, ignore_index: int, device: torch.device) -> None:
+def check_label_tensor(y: torch.Tensor, B: int, device: torch.device) -> None:
+    """Type, shape, dtype and device of the labels (no look at their values)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y (labels) must be a torch.Tensor of shape [B], got {type(y).__name__}")
     if y.dim() != 1 or y.shape[0] != B:
@@ -98,6 +103,12 @@ def check_labels(y: torch.Tensor, B: int, C: int, ignore_index: int, device: tor
         raise TypeError(f"y (labels) must be an integer tensor (torch.long), got {y.dtype}; use y.long()")
     if y.device != device:
         raise ValueError(f"y (labels) is on {y.device} but x is on {device}; move the labels with y.to(x.device)")
+
+
+def check_labels(y: torch.Tensor, B: int, C: int, ignore_index: int, device: torch.device) -> None:
+    """:func:`check_label_tensor`, then every label other than ``ignore_index`` in ``[0, C)``
+    (always on CPU tensors; on GPU tensors when input checks are on)."""
+    check_label_tensor(y, B, device)
     if y.device.type == "cpu" or input_checks_enabled():
         bad = (y != ignore_index) & ((y < 0) | (y >= C))
 
@@ -130,3 +141,12 @@ def check_row_margin(name: str, m, B: int, device: torch.device):
     if not _compiling() and not math.isfinite(m):  # (under torch.compile a margin schedule is symbolic)
         raise ValueError(f"{name} must be finite, got {m}")
     return m
+
+
+def check_margin_call(x, W, y, ignore_index: int, m2, m3):
+    """Every boundary check of a margin-softmax call on a fused backend; returns ``(m2, m3)``
+    checked (floats or per-row tensors)."""
+    check_embeddings_and_centres(x, W)
+    B = x.shape[0]
+    check_labels(y, B, W.shape[0], ignore_index, x.device)
+    return check_row_margin("m2", m2, B, x.device), check_row_margin("m3", m3, B, x.device)

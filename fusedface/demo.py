@@ -465,7 +465,7 @@ def main(argv=None):
     title = (f"fusedface demo: {a.loss} (s = {a.scale:g}), {a.identities:,} identities, B = {a.batch}, "
              f"D = {a.dim}, backend {backend}, {res['steps']} steps in {res['train_s']:.0f} s")
     plotted = save_plot(os.path.join(a.out, "demo.png"), hist, title)
-    md = [f"# fusedface demo\n", f"`python -m fusedface.demo {' '.join(argv if argv is not None else sys.argv[1:])}`"
+    md = ["# fusedface demo\n", f"`python -m fusedface.demo {' '.join(argv if argv is not None else sys.argv[1:])}`"
           f" — fusedface {ff.__version__}, torch {torch.__version__}, {res['threads']} thread(s).\n",
           f"Head: `{res['head']}` on {a.identities:,} synthetic identities; {res['steps']:,} steps of {a.batch} "
           f"in {res['train_s']:.1f} s.\n",

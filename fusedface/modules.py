@@ -82,7 +82,7 @@ class MarginSoftmaxHead(_ClassCentres):
         self._check(embeddings, labels, self.options.ignore_index)
         m2, m3 = self.row_margins(embeddings, labels)
         loss, stats = FF.margin_softmax_with_stats(embeddings, self.weight, labels, self.options, m2, m3,
-                                                   backend=self.backend)
+                                                   backend=self.backend, checked=True)
         self._record(labels, stats)
         return loss
 
@@ -250,16 +250,16 @@ class KappaFace(MarginSoftmaxHead):
         """κ and margins from this epoch's statistics (SPEC §3), then reset the running sums.
 
         Classes unseen this epoch get r̄ = 0/0 → κ = 0 and keep count 0 (largest count weight)."""
-        n = self.epoch_counts.to(torch.float64)
-        rbar = torch.linalg.vector_norm(self.resultant_sum.to(torch.float64), dim=1) / n
-        # a class seen once has r̄ = 1 exactly, but the fp32 sum of unit vectors rounds it just
-        # below 1, which would give a huge finite κ instead of +inf (and wreck the std of κ):
-        # r̄ within fp32 rounding of 1 counts as 1, whose κ = +inf becomes the largest finite κ
-        rbar = torch.where(rbar > 1.0 - 1e-5, torch.ones_like(rbar), rbar)
+        rbar = R.mean_resultant_length(self.resultant_sum, self.epoch_counts)
         kappa = R.kappa_from_resultant(rbar, self.in_features)
+        m = R.kappa_margins(kappa, self.epoch_counts, m0=self.m0, temperature=self.temperature, gamma=self.gamma)
+        self._finish_epoch(kappa, m)
+
+    @torch.no_grad()
+    def _finish_epoch(self, kappa: torch.Tensor, margins: torch.Tensor) -> None:
+        """Store this epoch's κ and margins and counts, reset the running sums."""
         self.class_kappa.copy_(kappa.to(self.class_kappa.dtype))
-        m = R.kappa_margins(kappa, n, m0=self.m0, temperature=self.temperature, gamma=self.gamma)
-        self.class_margins.copy_(m.to(self.class_margins.dtype))
+        self.class_margins.copy_(margins.to(self.class_margins.dtype))
         self.class_counts.copy_(self.epoch_counts)
         self.resultant_sum.zero_()
         self.epoch_counts.zero_()

@@ -290,34 +290,59 @@ def target_cosines(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, ignore_ind
 
 # ---------------------------------------------------------------- KappaFace (SPEC §3)
 
-def kappa_from_resultant(rbar: torch.Tensor, dim: int) -> torch.Tensor:
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def mean_resultant_length(resultant_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``r̄_c = ‖Σ x̂‖ / n_c`` per class, in float64 (0/0 = NaN for a class not seen).
+
+    A class seen once has r̄ = 1 exactly, but an fp32 sum of unit vectors rounds it just below 1,
+    which would give a huge finite κ instead of +inf (and wreck the std of κ): r̄ within fp32
+    rounding of 1 counts as 1."""
+    n = counts.to(torch.float64)
+    rbar = torch.linalg.vector_norm(resultant_sum.to(torch.float64), dim=1) / n
+    return torch.where(rbar > 1.0 - 1e-5, torch.ones_like(rbar), rbar)
+
+
+def kappa_from_resultant(rbar: torch.Tensor, dim: int, *, all_max=_identity) -> torch.Tensor:
     """vMF concentration estimate ``κ = r̄(d − r̄²)/(1 − r̄²)`` (Banerjee et al. 2005, used by
-    KappaFace, Oinar et al. 2022). ``+inf`` becomes the largest finite κ and NaN becomes 0."""
+    KappaFace, Oinar et al. 2022). ``+inf`` becomes the largest finite κ and NaN becomes 0.
+
+    ``all_max`` reduces a scalar over the shards when the classes are split across processes
+    (``fusedface.distributed``); the identity in one process."""
     r = rbar.to(torch.float64)
     kappa = r * (dim - r * r) / (1.0 - r * r)
     kappa = torch.where(torch.isnan(kappa), torch.zeros_like(kappa), kappa)
     finite = torch.isfinite(kappa)
-    largest = torch.where(finite, kappa, torch.full_like(kappa, float("-inf"))).max()
+    largest = all_max(torch.where(finite, kappa, torch.full_like(kappa, float("-inf"))).max())
     largest = torch.where(torch.isfinite(largest), largest, torch.zeros_like(largest))
     return torch.where(finite, kappa, largest.expand_as(kappa))
 
 
-def kappa_margins(kappa: torch.Tensor, counts: torch.Tensor, *, m0=0.8, temperature=0.4, gamma=0.7) -> torch.Tensor:
+def kappa_margins(kappa: torch.Tensor, counts: torch.Tensor, *, m0=0.8, temperature=0.4, gamma=0.7,
+                  all_sum=_identity, all_max=_identity, num_classes: int | None = None) -> torch.Tensor:
     """KappaFace per-class margins (Oinar et al. 2022, "KappaFace: Adaptive Additive Angular
     Margin Loss for Deep Face Recognition").
 
     ``z = (κ − mean κ)/std κ`` (unbiased std; z = 0 when the std is 0 or undefined),
     ``wκ = 1 − sigmoid(T·z)``, ``K = 1.05·max n``, ``wn = (cos(π·n/K) + 1)/2``,
     ``m = m0·(γ·wκ + (1 − γ)·wn)``. Check values in SPEC §3 are asserted in the tests.
-    """
+
+    Sharded classes (``fusedface.distributed``): ``all_sum``/``all_max`` reduce a scalar over the
+    shards and ``num_classes`` is the total; the mean, std and largest count are then global."""
     kappa = kappa.to(torch.float64)
     n = counts.to(torch.float64)
-    mean = kappa.mean()
-    std = kappa.std(unbiased=True) if kappa.numel() > 1 else torch.zeros_like(mean)
+    C = kappa.numel() if num_classes is None else int(num_classes)
+    mean = all_sum(kappa.sum()) / C
+    if C > 1:
+        std = torch.sqrt(all_sum(((kappa - mean) ** 2).sum()) / (C - 1))
+    else:
+        std = torch.zeros_like(mean)
     ok = torch.isfinite(std) & (std > 0)
     z = torch.where(ok, (kappa - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(kappa))
     w_kappa = 1.0 - torch.sigmoid(temperature * z)
-    K = 1.05 * n.max().clamp(min=1.0)
+    K = 1.05 * all_max(n.max()).clamp(min=1.0)
     w_n = (torch.cos(math.pi * n / K) + 1.0) / 2.0
     return m0 * (gamma * w_kappa + (1.0 - gamma) * w_n)
 

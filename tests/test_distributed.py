@@ -10,6 +10,7 @@ timeout.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -256,7 +257,7 @@ def _special_checks(comm, world, outdir):
     x, W, y, sizes = _data(world, torch.float32, seed=9)
     _, head = _pair(ff.ArcFace, FD.ShardedArcFace, {}, W, torch.float32, "torch", rank)
     sl = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    with FD.record_communication() as rec:
+    with FD.record_communication() as rec, _tap_collectives() as tap:
         _step(head, x[sl], y[sl])
     B, R, bmax = sum(sizes), world, max(sizes)
     expected = 0
@@ -264,13 +265,49 @@ def _special_checks(comm, world, outdir):
         expected = (8  # batch sizes
                     + bmax * D * 4 + bmax * 8  # x and y all-gathers
                     + B * 4  # shared target cosines
-                    + 2 * B * 4 + 2 * B * 8 + B * 8  # (lse, best) max, (sum-exp, sv) sum, arg-max min
+                    + 3 * B * 4 + 2 * B * 8 + B * 8  # (lse, best, NaN flag) max, (sum-exp, sv) sum, arg-max min
                     + B * 4  # upstream gradient
                     + R * bmax * D * 4)  # reduce-scatter of dL/dx partials
     res["communication"] = {"payload": rec.payload_bytes, "expected": expected, "sent": rec.sent_bytes,
-                            "ops": rec.by_op()}
+                            "ops": rec.by_op(), "tapped": tap}
 
     return res
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
+                "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "broadcast", "broadcast_object_list",
+                "gather", "gather_object", "scatter", "reduce", "send", "recv", "isend", "irecv", "barrier")
+
+
+@contextlib.contextmanager
+def _tap_collectives():
+    """Counts, at torch.distributed itself (not through fusedface's own log), every collective
+    called and the bytes of its input tensor: ``{name: [calls, bytes]}``."""
+    from fusedface.distributed import _comm
+    seen: dict = {}
+    saved = []
+
+    def wrap(name, fn):
+        def tapped(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            src = tensors[-1] if tensors else None  # (out, in) for the *_single / *_tensor forms
+            entry = seen.setdefault(name, [0, 0])
+            entry[0] += 1
+            entry[1] += src.numel() * src.element_size() if src is not None else 0
+            return fn(*args, **kwargs)
+        return tapped
+
+    targets = [(dist, n) for n in _COLLECTIVES if hasattr(dist, n)]
+    targets += [(_comm, n) for n in ("_all_gather_single", "_reduce_scatter_single")]
+    try:
+        for mod, n in targets:
+            fn = getattr(mod, n)
+            saved.append((mod, n, fn))
+            setattr(mod, n, wrap(n.lstrip("_"), fn))
+        yield seen
+    finally:
+        for mod, n, fn in saved:
+            setattr(mod, n, fn)
 
 
 DRIFT_FAMILIES = ("arcface", "combined", "mv-softmax-arc")
@@ -550,6 +587,11 @@ def test_communication_per_step_is_O_B_D(groups, world):
         r = res["special"]["communication"]
         assert r["payload"] == r["expected"], (f"world {world}, rank {rank}: {r['payload']} bytes handed to "
                                                f"collectives, the formula says {r['expected']}: {r['ops']}")
+        # observed at torch.distributed: nothing bypasses fusedface's log, and the bytes agree
+        tapped = sum(b for _, b in r["tapped"].values())
+        assert tapped == r["expected"], (f"world {world}, rank {rank}: torch.distributed saw {r['tapped']} "
+                                         f"({tapped} bytes), the formula says {r['expected']}")
+        assert sum(c for c, _ in r["tapped"].values()) == sum(o["calls"] for o in r["ops"].values())
 
 
 def test_checkpoint_reshards_2_to_3_to_1(groups):
@@ -663,3 +705,46 @@ def test_checkpoint_refuses_mixed_world_sizes(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+def _fused_backends_here():
+    return [b for b in ff.available_backends() if b != "reference"]
+
+
+@pytest.mark.parametrize("backend", _fused_backends_here())
+def test_sharded_nan_centre_gives_nan_loss(backend):
+    """NaN in, NaN out across shards, as in one process: a NaN class centre makes the loss NaN
+    (the streaming top-k and the kernels' max may skip a NaN cosine; the shards must not)."""
+    x, W, y, _ = _data(1, torch.float32, seed=5)
+    W = W.clone()
+    W[7, 3] = float("nan")
+    single = ff.functional.npt_loss(x, W, y, k=2, backend=backend)
+    assert torch.isnan(single), "single-process NPT should already give NaN here"
+    assert torch.isnan(FD.npt_loss(x, W, y, num_classes=C, k=2, backend=backend))
+    assert torch.isnan(FD.margin_softmax_loss(x, W, y, num_classes=C, m2=0.5, backend=backend))
+    head = FD.ShardedArcFace(D, C, backend=backend)  # the head's pass also merges arg-max statistics
+    with torch.no_grad():
+        head.weight.copy_(W)
+    assert torch.isnan(head(x, y))
+
+
+def test_sharded_boundary_checks_are_the_single_process_ones():
+    """The sharded API runs the same checks as fusedface.functional on a rank's rows (b = 0 aside)."""
+    x, W, y, _ = _data(1, torch.float64)
+    with pytest.raises(ValueError, match="D = 0"):
+        FD.margin_softmax_loss(x[:, :0], W[:, :0], y, num_classes=C)
+    with pytest.raises(TypeError, match="floating point"):
+        FD.margin_softmax_loss(x.long(), W, y, num_classes=C)
+    bad = x.clone()
+    bad[2, 0] = float("inf")
+    ff.set_input_checks(True)
+    try:
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            FD.margin_softmax_loss(bad, W, y, num_classes=C)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            FD.npt_loss(bad, W, y, num_classes=C)
+    finally:
+        ff.set_input_checks(False)
+    # an empty local batch is allowed on a rank (the global batch must not be empty)
+    with pytest.raises(ValueError, match="the global batch is empty"):
+        FD.margin_softmax_loss(x[:0], W, y[:0], num_classes=C)

@@ -319,7 +319,7 @@ def test_bf16_gemm_mode_changes_nothing_else(monkeypatch):
             for a, b in zip(default, got):
                 assert torch.equal(a, b), (dtype, value)
     monkeypatch.setenv("FUSEDFACE_NATIVE_PRECISION", "half")
-    with pytest.raises(ValueError, match="expected 'fp32'"):
+    with pytest.raises(ValueError, match="FUSEDFACE_NATIVE_PRECISION='half': use one of fp32"):
         F_.margin_softmax_loss(x.bfloat16(), W.bfloat16(), y, backend="native")
 
 

@@ -337,11 +337,12 @@ def test_gpu_backends_deterministic_mode(dtype, monkeypatch):
     atomics-free path), every fused backend is bitwise reproducible; Triton is by default."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"))
     fused = [b for b in fusedface.available_backends("cuda") if b != "reference"]
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         for b in fused:
             _determinism(dtype, ("cuda", b))
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
     if "triton" in fused:
         _determinism(dtype, ("cuda", "triton"))

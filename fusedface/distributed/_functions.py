@@ -35,20 +35,19 @@ so any optimiser works) with the labels remapped into the sample.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .. import reference as R
-from .._backends import resolve
-from .._engine import choose_tile, inverse_norms, x_jacobian
+from .._engine import (_kernels_of, choose_tile, inverse_norms, sparse_column_grads, target_column_grad,
+                       target_transform, x_jacobian)
 from .._options import MarginOptions, NPTOptions
-from .._validate import _FLOATS, check_backend_name, check_labels, check_row_margin
-from ..reference import EPS_SIN2, compute_dtype, row_margin
+from .._validate import check_embeddings_and_centres, check_label_tensor, check_labels, check_row_margin
+from ..reference import compute_dtype, row_margin
 from ._comm import Comm, shard_range, shard_sizes
 
-__all__ = ["margin_softmax_loss", "npt_loss", "GlobalBatch", "gather_batch", "sample_classes", "target_rows"]
+__all__ = ["margin_softmax_loss", "npt_loss", "GlobalBatch", "gather_batch", "sample_classes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,30 +81,10 @@ class GlobalBatch:
 
 
 def check_local_batch(x, y, W) -> None:
-    """Boundary checks of a rank's own rows (an empty batch is allowed on a rank)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x (embeddings) must be a torch.Tensor of shape [b, D], got {type(x).__name__}")
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y (labels) must be a torch.Tensor of shape [b], got {type(y).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"x (embeddings) must be 2-D [b, D], got shape {tuple(x.shape)}; "
-                         "flatten the backbone output first")
-    if W.dim() != 2 or x.shape[1] != W.shape[1]:
-        raise ValueError(f"x has D={x.shape[1]} features but this rank's shard of W has shape {tuple(W.shape)}; "
-                         "W must be [C_local, D]")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"x (embeddings) must be floating point (fp16, bf16, fp32 or fp64), got {x.dtype}")
-    if W.dtype not in _FLOATS:
-        raise TypeError(f"W (class centres) must be floating point (fp16, bf16, fp32 or fp64), got {W.dtype}")
-    if x.device != W.device:
-        raise ValueError(f"x is on {x.device} but W is on {W.device}; move both to the same device")
-    if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"y (labels) must be 1-D of length b={x.shape[0]} (this rank's rows), "
-                         f"got shape {tuple(y.shape)}")
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
-        raise TypeError(f"y (labels) must be an integer tensor (torch.long), got {y.dtype}; use y.long()")
-    if y.device != x.device:
-        raise ValueError(f"y (labels) is on {y.device} but x is on {x.device}; move the labels with y.to(x.device)")
+    """The boundary checks of the single-process API on a rank's own rows (``b = 0`` allowed; the
+    label values are checked against ``num_classes`` once gathered, in :func:`gather_batch`)."""
+    check_embeddings_and_centres(x, W, allow_empty_batch=True)
+    check_label_tensor(y, x.shape[0], x.device)
 
 
 def gather_batch(comm: Comm, x: torch.Tensor, y: torch.Tensor, num_classes: int, ignore_index: int,
@@ -151,9 +130,9 @@ def sample_classes(y_shard: torch.Tensor, num_local: int, sample_rate: float, ge
     No host synchronisation when ``k ≥ min(B, C_local)`` (the positives then always fit, the usual
     case: ``sample_rate·C_local`` is far larger than the batch); otherwise the number of positive
     classes is read on the host to size the sample."""
-    if not (isinstance(sample_rate, (int, float)) and 0.0 < float(sample_rate) <= 1.0):
-        raise ValueError(f"sample_rate must be in (0, 1] (the fraction of each shard's classes kept), "
-                         f"got {sample_rate!r}")
+    if sample_rate is None:
+        raise ValueError("sample_rate must be in (0, 1] (the fraction of each shard's classes kept), got None")
+    check_sample_rate(sample_rate)
     device = y_shard.device
     owned = y_shard >= 0
     ys = y_shard.clamp(min=0)
@@ -171,29 +150,6 @@ def sample_classes(y_shard: torch.Tensor, num_local: int, sample_rate: float, ge
 
 # ---------------------------------------------------------------------------------------------
 # the margin-softmax prologue shared by every rank
-
-
-def target_rows(raw_y: torch.Tensor, opts: MarginOptions, m2: torch.Tensor, m3: torch.Tensor):
-    """``(f, slope)`` per row from the raw target cosines (SPEC §2): the same arithmetic as
-    :func:`fusedface._engine.margin_prologue` after its gather of the label rows."""
-    in_y = (raw_y >= -1.0) & (raw_y <= 1.0)
-    c_y = raw_y.clamp(-1.0, 1.0)
-    theta = torch.acos(c_y)
-    angle = opts.m1 * theta + m2
-    f = torch.cos(angle) - m3
-    slope = opts.m1 * torch.sin(angle) / torch.sqrt(torch.clamp(1.0 - c_y * c_y, min=EPS_SIN2))
-    one = torch.ones_like(slope)
-    if opts.theta_policy == "threshold":
-        past = angle > math.pi
-        f = torch.where(past, c_y - m2 * torch.sin(m2) - m3, f)
-        slope = torch.where(past, one, slope)
-    elif opts.theta_policy == "easy":
-        easy = c_y > 0
-        f = torch.where(easy, f, c_y)
-        slope = torch.where(easy, slope, one)
-    if opts.grad_mode == "straight_through":
-        slope = one
-    return f, slope * in_y.to(slope.dtype)
 
 
 @dataclass(frozen=True)
@@ -234,15 +190,6 @@ class _Plan:
         return cols + self.batch.lo
 
 
-def _kernels(backend: str, device: torch.device):
-    check_backend_name(backend)
-    name, kernels = resolve(backend, device)
-    if kernels is None:
-        raise ValueError(f"backend={backend!r} has no fused kernels: the sharded heads run a fused backend "
-                         "('auto', 'torch', 'native' or 'triton'); compare against the reference single-process")
-    return name, kernels
-
-
 def _columns(comm, batch, W, sample_rate, sample_generator):
     """``(W_used, index, y_sub)``: the shard itself, or the Partial FC sample of it."""
     if sample_rate is None:
@@ -268,7 +215,7 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
     ``class_m2``: a per-class margin of this shard ``[C_local]`` (KappaFace), looked up by the
     owner of each row. ``elastic``: draws made on rank 0 and shared."""
     check_local_batch(x, y, W)
-    _, kernels = _kernels(backend, x.device)
+    kernels = _kernels_of(backend, x.device)
     batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
     B, device = batch.B, x.device
     m2 = check_row_margin("m2", m2, B, device)
@@ -308,7 +255,7 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
                 m2 = m
             else:
                 m3 = m
-        f, slope = target_rows(raw_y, opts, row_margin(m2, B, device, cdt), row_margin(m3, B, device, cdt))
+        f, slope = target_transform(raw_y, opts, row_margin(m2, B, device, cdt), row_margin(m3, B, device, cdt))
     tile = choose_tile(B, x.shape[1], W_used.shape[0], None, tile_size)
     plan = _Plan(comm, batch, kernels, tile, cdt, x.dtype, y_sub, index, xinv, winv, float(embedding_grad_scale),
                  opts=opts, f=f, slope=slope, stats=bool(stats))
@@ -347,22 +294,26 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
         lse_r, pred_r, sv_r = plan.kernels.margin_forward(b.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, plan.f,
                                                           opts, plan.tile)
         lse_r = lse_r.to(cdt)
+        # NaN in, NaN out (fusedface._engine._nan_if_any_nan) across ranks: a flag rides on the max
+        nan_r = torch.isnan(plan.winv).any().to(cdt).expand(b.B)
         if plan.stats:
             pr = pred_r.long()
             best = ((b.x_all.to(cdt) * Wc[pr].to(cdt)).sum(dim=1) * plan.xinv * plan.winv[pr]).clamp(-1.0, 1.0)
-            top = comm.all_reduce(torch.stack([lse_r, best]), "max")
-            M, best_all = top[0], top[1]
+            top = comm.all_reduce(torch.stack([lse_r, best, nan_r]), "max")
+            M, best_all, nan_any = top[0], top[1], top[2]
             tot = comm.all_reduce(torch.stack([torch.exp(lse_r - M).double(), sv_r.double()]), "sum")
             cand = torch.where(best == best_all, plan.global_ids(pr), torch.full_like(pr, b.num_classes))
             pred = comm.all_reduce(cand, "min")
             sv = tot[1].round().long()
         else:
-            M = comm.all_reduce(lse_r.clone(), "max")
+            top = comm.all_reduce(torch.stack([lse_r, nan_r]), "max")
+            M, nan_any = top[0], top[1]
             tot = comm.all_reduce(torch.exp(lse_r - M).double()[None], "sum")
             pred = torch.zeros(b.B, dtype=torch.long, device=lse_r.device)
             sv = torch.zeros(b.B, dtype=torch.long, device=lse_r.device)
         lse = (M.double() + torch.log(tot[0])).to(cdt)
-        rows = torch.where(b.valid, lse - opts.scale * plan.f, torch.zeros_like(lse))
+        rows = torch.where(nan_any > 0, torch.full_like(lse, float("nan")), lse - opts.scale * plan.f)
+        rows = torch.where(b.valid, rows, torch.zeros_like(lse))
         ctx.save_for_backward(Wc, lse)
         ctx.plan = plan
         ctx.mark_non_differentiable(pred, sv)
@@ -375,8 +326,7 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
         opts = plan.opts
         need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gl = _mean_upstream(plan, grad_rows)
-        p_y = torch.exp(opts.scale * plan.f - lse)
-        dcy = opts.scale * (p_y - 1.0) * gl * plan.slope
+        dcy = target_column_grad(opts, plan.f, lse, gl, plan.slope)
         dcy = torch.where(plan.y_sub >= 0, dcy, torch.zeros_like(dcy))  # the label column lives on its owner
         if not (need_dx or need_dW):
             return None, None, None
@@ -384,10 +334,6 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
                                               gl, dcy, opts, plan.tile, need_dx, need_dW)
         dx = _scatter_dx(plan, Gx) if need_dx else None
         return dx, (dW if need_dW else None), None
-
-
-def _reduce(rows, valid, reduction):
-    return R._reduce(rows, valid, reduction)
 
 
 def margin_softmax_loss(x, W_shard, y, *, num_classes, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
@@ -412,15 +358,27 @@ def margin_softmax_loss(x, W_shard, y, *, num_classes, scale=64.0, m1=1.0, m2=0.
                                sample_generator=sample_generator, batch_sizes=batch_sizes,
                                embedding_grad_scale=embedding_grad_scale, stats=False)
     rows, _, _ = MarginSoftmaxShardFunction.apply(x, W_used, plan)
-    return _reduce(rows, plan.batch.valid, reduction)
+    return R._reduce(rows, plan.batch.valid, reduction)
+
+
+def check_num_classes(num_classes, world_size: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int (the classes over all ranks), got {num_classes!r}")
+    if num_classes < world_size:
+        raise ValueError(f"num_classes={num_classes} is smaller than the world size {world_size}: "
+                         "every rank needs at least one class")
+
+
+def check_sample_rate(sample_rate) -> None:
+    """Partial FC's rate: None (off) or in (0, 1]."""
+    if sample_rate is not None and not (isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool)
+                                        and 0.0 < float(sample_rate) <= 1.0):
+        raise ValueError(f"sample_rate must be None or in (0, 1] (the fraction of each shard's classes kept), "
+                         f"got {sample_rate!r}")
 
 
 def _check_shard(W_shard, num_classes, comm):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int (the classes over all ranks), got {num_classes!r}")
-    if num_classes < comm.world_size:
-        raise ValueError(f"num_classes={num_classes} is smaller than the world size {comm.world_size}: "
-                         "every rank needs at least one class")
+    check_num_classes(num_classes, comm.world_size)
     want = shard_sizes(num_classes, comm.world_size)[comm.rank]
     if not isinstance(W_shard, torch.Tensor) or W_shard.dim() != 2 or W_shard.shape[0] != want:
         shape = tuple(W_shard.shape) if isinstance(W_shard, torch.Tensor) else type(W_shard).__name__
@@ -440,7 +398,7 @@ def npt_plan(comm: Comm, x, W, y, opts: NPTOptions, *, num_classes, backend="aut
     if opts.k > num_classes - 1:
         raise ValueError(f"k={opts.k} nearest negative proxies need at least k + 1 classes, "
                          f"num_classes={num_classes}; use k <= {num_classes - 1}")
-    _, kernels = _kernels(backend, x.device)
+    kernels = _kernels_of(backend, x.device)
     batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
     W_used, index, y_sub = _columns(comm, batch, W, sample_rate, sample_generator)
     cdt = compute_dtype(x, W)
@@ -480,7 +438,11 @@ class NPTShardFunction(torch.autograd.Function):
         else:
             v, i = _small_topk(b.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, k, cdt)
         v, i = v.to(cdt), i.long()
-        real = torch.isfinite(v) & (i >= 0)
+        # NaN in, NaN out: a NaN centre of this shard makes every candidate of this rank NaN (a
+        # streaming top-k may have skipped it), and the global top-k below ranks NaN first, as
+        # torch.topk does in the single-process head; a NaN embedding reaches c_y through the sum
+        v = torch.where(torch.isnan(plan.winv).any(), torch.full_like(v, float("nan")), v)
+        real = torch.isnan(v) | (~torch.isneginf(v) & (i >= 0))
         gid = torch.where(real, plan.global_ids(i.clamp(min=0)), torch.full_like(i, -1))
         v = torch.where(real, v, torch.full_like(v, float("-inf")))
         # the k local candidates of every rank, O(B·k·R): [R, B, k] -> [B, R·k]
@@ -514,22 +476,9 @@ class NPTShardFunction(torch.autograd.Function):
         dcy = torch.where(label, -coef.sum(dim=1), torch.zeros_like(gl))  # the label column, on its owner
         cols = torch.cat([local, plan.y_sub.clamp(min=0)[:, None]], dim=1)  # [B, k+1] columns of Wc
         dc = torch.cat([torch.where(own, coef, torch.zeros_like(coef)), dcy[:, None]], dim=1)
-        # as fusedface._engine.npt_backward_grads, restricted to the columns this rank owns
-        Wg = Wc[cols].to(cdt)  # [B, k+1, D]
-        xh = b.x_all.to(cdt) * plan.xinv[:, None]
-        wi = plan.winv[cols]
-        raw = torch.einsum("bd,bjd->bj", xh, Wg) * wi
-        dc = dc * ((raw >= -1.0) & (raw <= 1.0)).to(cdt)
-        dx = dW = None
-        if need_dx:
-            dx = _scatter_dx(plan, torch.einsum("bj,bjd->bd", dc * wi, Wg))
-        if need_dW:
-            wh = Wg * wi[..., None]
-            Gw = dc[..., None] * xh[:, None, :]
-            contrib = (Gw - (Gw * wh).sum(-1, keepdim=True) * wh) * wi[..., None]
-            acc = torch.zeros(Wc.shape, dtype=cdt if Wc.dtype != cdt else Wc.dtype, device=Wc.device)
-            acc.index_add_(0, cols.reshape(-1), contrib.reshape(-1, Wc.shape[1]))
-            dW = acc.to(Wc.dtype)
+        # the sparse backward of fusedface._engine.npt_backward_grads, on the columns this rank owns
+        Gx, dW = sparse_column_grads(b.x_all, plan.xinv, Wc, plan.winv, cols, dc, need_dx, need_dW)
+        dx = _scatter_dx(plan, Gx) if need_dx else None
         return dx, dW, None
 
 
@@ -545,5 +494,5 @@ def npt_loss(x, W_shard, y, *, num_classes, delta=0.5, k=1, r=1.0, reduction="me
                             sample_rate=sample_rate, sample_generator=sample_generator, batch_sizes=batch_sizes,
                             embedding_grad_scale=embedding_grad_scale)
     rows = NPTShardFunction.apply(x, W_used, plan)
-    return _reduce(rows, plan.batch.valid, reduction)
+    return R._reduce(rows, plan.batch.valid, reduction)
 

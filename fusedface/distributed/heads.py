@@ -28,7 +28,8 @@ from .. import reference as R
 from ..modules import (ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, KappaFace,
                        MarginSoftmaxHead, MVSoftmax, NPT, OTFace, SphereFace, SVSoftmax, _ClassCentres, _Elastic)
 from ._comm import Comm, shard_range
-from ._functions import (ElasticDraws, MarginSoftmaxShardFunction, NPTShardFunction, check_local_batch, gather_batch,
+from ._functions import (ElasticDraws, MarginSoftmaxShardFunction, NPTShardFunction, check_local_batch,
+                         check_num_classes, check_sample_rate, gather_batch,
                          margin_plan, npt_plan)
 
 __all__ = [
@@ -58,13 +59,8 @@ class ShardedHead(nn.Module):
                             f"got {head_class!r}")
         self.comm = Comm(process_group)
         self.process_group = process_group
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if num_classes < self.comm.world_size:
-            raise ValueError(f"num_classes={num_classes} is smaller than the world size {self.comm.world_size}: "
-                             "every rank needs at least one class")
-        if sample_rate is not None and not (isinstance(sample_rate, (int, float)) and 0.0 < float(sample_rate) <= 1.0):
-            raise ValueError(f"sample_rate must be None or in (0, 1], got {sample_rate!r}")
+        check_num_classes(num_classes, self.comm.world_size)
+        check_sample_rate(sample_rate)
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
         self.class_range = shard_range(num_classes, self.comm.world_size, self.comm.rank)
@@ -206,39 +202,22 @@ class ShardedHead(nn.Module):
     def end_epoch(self) -> None:
         """KappaFace's epoch update (SPEC §3) over the sharded statistics: κ per class on its owner;
         the largest finite κ, the largest count, and the mean and unbiased std of κ over ALL classes
-        by all-reduces (5 scalars); then the margins of the shard."""
+        by four scalar all-reduces (the same reference functions as ``KappaFace.end_epoch``); then
+        the margins of the shard."""
         h = self._kappa()
-        comm, C = self.comm, self.num_classes
-        n = h.epoch_counts.to(torch.float64)
-        rbar = torch.linalg.vector_norm(h.resultant_sum.to(torch.float64), dim=1) / n
-        rbar = torch.where(rbar > 1.0 - 1e-5, torch.ones_like(rbar), rbar)  # as KappaFace.end_epoch
-        # R.kappa_from_resultant with the largest finite κ taken over every shard
-        kappa = rbar * (h.in_features - rbar * rbar) / (1.0 - rbar * rbar)
-        kappa = torch.where(torch.isnan(kappa), torch.zeros_like(kappa), kappa)
-        finite = torch.isfinite(kappa)
-        tops = torch.stack([torch.where(finite, kappa, torch.full_like(kappa, float("-inf"))).max(), n.max()])
-        tops = comm.all_reduce(tops, "max")
-        largest = torch.where(torch.isfinite(tops[0]), tops[0], torch.zeros_like(tops[0]))
-        kappa = torch.where(finite, kappa, largest.expand_as(kappa))
-        h.class_kappa.copy_(kappa.to(h.class_kappa.dtype))
-        # R.kappa_margins with the global mean, unbiased std and largest count
-        mean = comm.all_reduce(kappa.sum().reshape(1), "sum")[0] / C
-        if C > 1:
-            var = comm.all_reduce(((kappa - mean) ** 2).sum().reshape(1), "sum")[0] / (C - 1)
-            std = torch.sqrt(var)
-        else:
-            std = torch.zeros_like(mean)
-        ok = torch.isfinite(std) & (std > 0)
-        z = torch.where(ok, (kappa - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(kappa))
-        w_kappa = 1.0 - torch.sigmoid(h.temperature * z)
-        K = 1.05 * tops[1].clamp(min=1.0)
-        w_n = (torch.cos(torch.pi * n / K) + 1.0) / 2.0
-        m = h.m0 * (h.gamma * w_kappa + (1.0 - h.gamma) * w_n)
-        h.class_margins.copy_(m.to(h.class_margins.dtype))
-        h.class_counts.copy_(h.epoch_counts)
-        h.resultant_sum.zero_()
-        h.epoch_counts.zero_()
-        h.epochs_seen += 1
+        comm = self.comm
+
+        def all_sum(t):
+            return comm.all_reduce(t.reshape(1), "sum")[0]
+
+        def all_max(t):
+            return comm.all_reduce(t.reshape(1), "max")[0]
+
+        rbar = R.mean_resultant_length(h.resultant_sum, h.epoch_counts)
+        kappa = R.kappa_from_resultant(rbar, h.in_features, all_max=all_max)
+        m = R.kappa_margins(kappa, h.epoch_counts, m0=h.m0, temperature=h.temperature, gamma=h.gamma,
+                            all_sum=all_sum, all_max=all_max, num_classes=self.num_classes)
+        h._finish_epoch(kappa, m)
 
     # ------------------------------------------------------------------ checkpoints
 
