@@ -1,6 +1,6 @@
 """The main job: train a small embedding network on synthetic identities with a fusedface head.
 
-    python -m fusedface.demo                      # ArcFace head, 20,000 identities, about two minutes on 2 CPU cores
+    python -m fusedface.demo                      # ArcFace head, up to 20,000 identities, under three minutes on 2 CPU cores
     python -m fusedface.demo --loss cosface --identities 100000 --steps 3000 --time-limit 600
     python -m fusedface.demo --help
 
@@ -28,9 +28,11 @@ Choices that make it learn visibly in two CPU minutes (see docs/benchmarks.md, "
 the scale is 32 (s = 64 with 128-d embeddings from scratch stalls), the margin ramps linearly
 from 0 to its value over the first 30 % of training (a margin warm-up: the full ArcFace margin on
 random embeddings pushes every target past the negatives and the loss cannot fall), the learning
-rate warms up over 5 % and then follows a cosine to 0, and 20,000 identities get about 25 samples
-each in 2,000 steps of 256 (with 100,000 identities a two-minute run shows each identity about
-five times: fine for verification, too few for a training accuracy). Training stops at
+rate warms up over 5 % and then follows a cosine to 0, and each identity is seen about 30 times:
+``--identities auto`` (default) times two steps of the head and the backbone and picks the number of
+identities (2,000 to 20,000) that the time limit can show 30 times each on this machine — 20,000
+on a fast 2-core machine, fewer on a slower one (with 100,000 identities a two-minute run shows each
+identity about five times: fine for verification, too few to learn from). Training stops at
 ``--steps`` or ``--time-limit`` seconds, whichever comes first; the schedules follow the further
 along of the two, so a slower machine still anneals fully (and runs fewer steps: the output says
 how many). ``--threads auto`` (default) times the first steps with all cores and with one and
@@ -94,6 +96,35 @@ class SyntheticFaces:
         n = self.nuisance * torch.randn(z.shape[0], self.P.shape[1], generator=g)
         h = self.gain * (3.0 * zz @ self.A.t() + n @ self.P.t())
         return torch.tanh(h) + self.noise * torch.randn(h.shape, generator=g)
+
+
+def auto_identities(a, world, samples=30, lo=2_000, hi=20_000, probe_classes=20_000) -> int:
+    """The number of training identities the time limit can teach: each seen about ``samples``
+    times in ``--time-limit`` seconds, between ``lo`` and ``hi``. A step costs about
+    ``t_fixed + t_head·C/probe_classes`` (the head's matrix products grow with C, the backbone's
+    do not); both are timed here, on two steps of a throw-away network and head (about a second).
+    Solves ``steps(C)·batch/C = samples`` for C."""
+    net = backbone(world.in_dim, a.dim)
+    head = LOSSES[a.loss](a.dim, probe_classes, a.backend, a.scale)
+    x = torch.randn(a.batch, world.in_dim)
+    y = torch.randint(0, probe_classes, (a.batch,))
+    times = {"fixed": [], "head": []}
+    for _ in range(3):
+        t0 = time.perf_counter()
+        e = net(x)
+        e.sum().backward()
+        t1 = time.perf_counter()
+        head(e.detach().requires_grad_(), y).backward()
+        t2 = time.perf_counter()
+        times["fixed"].append(t1 - t0)
+        times["head"].append(t2 - t1)
+    t_fixed = statistics.median(times["fixed"][1:]) * 1.5  # + data, optimiser, bookkeeping
+    per_class = statistics.median(times["head"][1:]) / probe_classes
+    # steps(C) = T / (t_fixed + per_class·C) and steps·B/C = samples: per_class·C² + t_fixed·C − T·B/samples = 0
+    budget = a.time_limit * a.batch / samples
+    C = (-t_fixed + math.sqrt(t_fixed ** 2 + 4 * per_class * budget)) / (2 * per_class)
+    C = min(C, a.steps * a.batch / samples)  # --steps may end training before the time limit
+    return int(min(hi, max(lo, C)) // 1000 * 1000)
 
 
 def backbone(in_dim, dim):
@@ -388,7 +419,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fusedface.demo", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--loss", default="arcface", choices=sorted(LOSSES))
-    p.add_argument("--identities", type=int, default=20_000, help="training identities (classes of the head)")
+    p.add_argument("--identities", default="auto",
+                   help="training identities (classes of the head), or 'auto' (default): as many as the time "
+                        "limit can show about 30 times each on this machine, from 2,000 to 20,000")
     p.add_argument("--heldout", type=int, default=2_000, help="held-out identities for verification")
     p.add_argument("--per-heldout", type=int, default=5, help="samples per held-out identity")
     p.add_argument("--dim", type=int, default=128, help="embedding size D")
@@ -418,6 +451,17 @@ def main(argv=None):
     world = SyntheticFaces(seed=a.seed)
     print(f"fusedface {ff.__version__}, backend {backend!r} (available: {', '.join(ff.available_backends())}); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if a.identities == "auto":
+        a.identities = auto_identities(a, world)
+        print(f"identities: {a.identities:,} (auto: about 30 samples each within --time-limit {a.time_limit:g} s "
+              "on this machine; set --identities to choose)")
+    else:
+        try:
+            a.identities = int(a.identities)
+        except ValueError:
+            p.error(f"--identities must be an integer or 'auto', got {a.identities!r}")
+        if a.identities < 2:
+            p.error(f"--identities must be at least 2, got {a.identities}")
     print(f"data: {a.identities:,} synthetic identities, fresh samples every step; "
           f"{a.heldout:,} held-out identities × {a.per_heldout} samples for verification")
     res = train(a, world)
