@@ -38,6 +38,9 @@ Environment:
 """
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers the fusedface::native_* ops)
@@ -81,6 +84,35 @@ def bf16_gemm() -> int:
     return int(env_choice("FUSEDFACE_NATIVE_PRECISION", ("fp32", "default", "bf16"), "fp32") == "bf16")
 
 
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), without which a bf16 GEMM
+    is slower than an fp32 one (torch converts and falls back to a reference loop)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # a probe missing or failing in this torch build: assume no
+            pass
+    return False
+
+
+def _bf16_modes(x, W) -> tuple[int, int]:
+    """``(fast_grad, bf16_gemm)`` for this call: the switches apply to bf16 ``x`` and ``W`` only,
+    and warn (once per process) where this CPU makes them slower instead of faster."""
+    if not (x.dtype == torch.bfloat16 and W.dtype == torch.bfloat16):
+        return fast_grad(), bf16_gemm()
+    modes = fast_grad(), bf16_gemm()
+    if any(modes) and not cpu_has_bf16_matmul():
+        var = "FUSEDFACE_NATIVE_PRECISION=bf16" if modes[1] else "FUSEDFACE_NATIVE_FAST_GRAD"
+        warnings.warn(f"{var}: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so its bf16 GEMMs are "
+                      "several times slower than fp32 ones (4-10x measured on an AVX2 machine) and this mode makes "
+                      "the native backend slower here; unset it (docs/native.md, \"Precision\")", RuntimeWarning,
+                      stacklevel=2)
+    return modes
+
+
 # ------------------------------------------------------------------ fake kernels (torch.compile)
 
 @torch.library.register_fake("fusedface::native_margin_forward")
@@ -109,15 +141,15 @@ def _npt_forward_fake(x, W, xinv, winv, y, k, tile):
 def margin_forward(x, W, xinv, winv, y, f, opts, tile):
     a, b = opts.rewrite
     lse, pred, sv, _ = _OPS.native_margin_forward(x, W, xinv, winv, y, f, float(opts.scale), float(a), float(b),
-                                                  int(tile), 0, bf16_gemm())
+                                                  int(tile), 0, _bf16_modes(x, W)[1])
     return lse, pred, sv
 
 
 def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW):
     a, b = opts.rewrite
     Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, None, float(opts.scale), float(a),
-                                         float(b), int(tile), int(bool(need_dx)), int(bool(need_dW)), fast_grad(),
-                                         bf16_gemm())
+                                         float(b), int(tile), int(bool(need_dx)), int(bool(need_dW)),
+                                         *_bf16_modes(x, W))
     return (Gx if need_dx else None), (dW if need_dW else None)
 
 
@@ -153,7 +185,7 @@ class _KeptBlockKernels:
         a, b = opts.rewrite
         Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, self.block, float(opts.scale),
                                              float(a), float(b), int(tile), int(bool(need_dx)), int(bool(need_dW)),
-                                             fast_grad(), bf16_gemm())  # the kept block is read as it is
+                                             *_bf16_modes(x, W))  # the kept block is read as it is
         return (Gx if need_dx else None), (dW if need_dW else None)
 
 
