@@ -129,21 +129,15 @@ def setup(provider, inp: Inputs, block_budget):
 
     if provider == "native":
         return loss_step(lambda: F_.margin_softmax_loss(x, W, y, scale=S, m2=M2, backend="native"))
-    if provider == "native_fast":
+    switches = {"native_fast": ("FUSEDFACE_NATIVE_FAST_GRAD", "1", "fast_grad"),
+                "native_bf16": ("FUSEDFACE_NATIVE_PRECISION", "bf16", "the bf16-GEMM mode")}
+    if provider in switches:
+        var, value, what = switches[provider]
         if dtype != torch.bfloat16:
-            return "fast_grad only changes bf16 inputs"
+            return f"{what} only changes bf16 inputs"
 
         def run():
-            with env("FUSEDFACE_NATIVE_FAST_GRAD", "1"):
-                loss = F_.margin_softmax_loss(x, W, y, scale=S, m2=M2, backend="native")
-                torch.autograd.grad(loss, (x, W))
-        return run
-    if provider == "native_bf16":
-        if dtype != torch.bfloat16:
-            return "the bf16-GEMM mode only changes bf16 inputs"
-
-        def run():
-            with env("FUSEDFACE_NATIVE_PRECISION", "bf16"):
+            with env(var, value):
                 loss = F_.margin_softmax_loss(x, W, y, scale=S, m2=M2, backend="native")
                 torch.autograd.grad(loss, (x, W))
         return run
