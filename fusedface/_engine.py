@@ -242,9 +242,7 @@ def sparse_column_grads(x, xinv, W, winv, cols, dc, need_dx: bool, need_dW: bool
 def _kernels_of(backend: str, device: torch.device):
     """The tile-kernels module of a fused backend (``auto`` resolved for ``device``)."""
     from ._backends import resolve  # at call time: resolving imports the optional backends
-    from ._validate import check_backend_name
-    check_backend_name(backend)
-    name, kernels = resolve(backend, device)
+    name, kernels = resolve(backend, device)  # (checks the name)
     if kernels is None:
         raise ValueError(f"backend={backend!r} has no fused kernels: the fused passes (and the sharded heads) need "
                          "a fused backend, 'auto', 'torch', 'native' or 'triton'; the reference is the materialised oracle")

@@ -101,10 +101,8 @@ def cpu_has_bf16_matmul() -> bool:
 def _bf16_modes(x, W) -> tuple[int, int]:
     """``(fast_grad, bf16_gemm)`` for this call: the switches apply to bf16 ``x`` and ``W`` only,
     and warn (once per process) where this CPU makes them slower instead of faster."""
-    if not (x.dtype == torch.bfloat16 and W.dtype == torch.bfloat16):
-        return fast_grad(), bf16_gemm()
     modes = fast_grad(), bf16_gemm()
-    if any(modes) and not cpu_has_bf16_matmul():
+    if x.dtype == W.dtype == torch.bfloat16 and any(modes) and not cpu_has_bf16_matmul():
         var = "FUSEDFACE_NATIVE_PRECISION=bf16" if modes[1] else "FUSEDFACE_NATIVE_FAST_GRAD"
         warnings.warn(f"{var}: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so its bf16 GEMMs are "
                       "several times slower than fp32 ones (4-10x measured on an AVX2 machine) and this mode makes "

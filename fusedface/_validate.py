@@ -143,10 +143,14 @@ def check_row_margin(name: str, m, B: int, device: torch.device):
     return m
 
 
+def check_row_margins(m2, m3, B: int, device: torch.device):
+    """``(m2, m3)``, each checked by :func:`check_row_margin`."""
+    return check_row_margin("m2", m2, B, device), check_row_margin("m3", m3, B, device)
+
+
 def check_margin_call(x, W, y, ignore_index: int, m2, m3):
     """Every boundary check of a margin-softmax call on a fused backend; returns ``(m2, m3)``
     checked (floats or per-row tensors)."""
     check_embeddings_and_centres(x, W)
-    B = x.shape[0]
-    check_labels(y, B, W.shape[0], ignore_index, x.device)
-    return check_row_margin("m2", m2, B, x.device), check_row_margin("m3", m3, B, x.device)
+    check_labels(y, x.shape[0], W.shape[0], ignore_index, x.device)
+    return check_row_margins(m2, m3, x.shape[0], x.device)

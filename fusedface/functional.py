@@ -14,8 +14,7 @@ from . import reference as R
 from ._backends import resolve
 from ._engine import choose_tile
 from ._options import MarginOptions, NPTOptions
-from ._validate import (check_backend_name, check_embeddings_and_centres, check_labels, check_margin_call,
-                        check_row_margin)
+from ._validate import check_backend_name, check_embeddings_and_centres, check_labels, check_row_margins
 from .reference import compute_dtype, row_margin
 
 __all__ = ["margin_softmax_loss", "npt_loss", "otface_loss"]
@@ -32,10 +31,9 @@ def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0, *, b
     if name == "reference":
         return R.margin_softmax_with_stats(x, W, y, opts, m2=m2, m3=m3)
     B, C = x.shape[0], W.shape[0]
-    if checked:
-        m2, m3 = check_row_margin("m2", m2, B, x.device), check_row_margin("m3", m3, B, x.device)
-    else:
-        m2, m3 = check_margin_call(x, W, y, opts.ignore_index, m2, m3)
+    if not checked:
+        check_labels(y, B, C, opts.ignore_index, x.device)
+    m2, m3 = check_row_margins(m2, m3, B, x.device)
     tile = choose_tile(B, x.shape[1], C, tile_budget, tile_size)
     cdt = compute_dtype(x, W)
     rows, pred, sv, *_ = torch.ops.fusedface.margin_softmax_fwd(

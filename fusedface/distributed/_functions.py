@@ -43,7 +43,7 @@ from .. import reference as R
 from .._engine import (_kernels_of, choose_tile, inverse_norms, sparse_column_grads, target_column_grad,
                        target_transform, x_jacobian)
 from .._options import MarginOptions, NPTOptions
-from .._validate import check_embeddings_and_centres, check_label_tensor, check_labels, check_row_margin
+from .._validate import check_embeddings_and_centres, check_label_tensor, check_labels, check_row_margins
 from ..reference import compute_dtype, row_margin
 from ._comm import Comm, shard_range, shard_sizes
 
@@ -130,9 +130,7 @@ def sample_classes(y_shard: torch.Tensor, num_local: int, sample_rate: float, ge
     No host synchronisation when ``k ≥ min(B, C_local)`` (the positives then always fit, the usual
     case: ``sample_rate·C_local`` is far larger than the batch); otherwise the number of positive
     classes is read on the host to size the sample."""
-    if sample_rate is None:
-        raise ValueError("sample_rate must be in (0, 1] (the fraction of each shard's classes kept), got None")
-    check_sample_rate(sample_rate)
+    check_sample_rate(sample_rate, allow_none=False)
     device = y_shard.device
     owned = y_shard >= 0
     ys = y_shard.clamp(min=0)
@@ -218,8 +216,7 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
     kernels = _kernels_of(backend, x.device)
     batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
     B, device = batch.B, x.device
-    m2 = check_row_margin("m2", m2, B, device)
-    m3 = check_row_margin("m3", m3, B, device)
+    m2, m3 = check_row_margins(m2, m3, B, device)
     W_used, index, y_sub = _columns(comm, batch, W, sample_rate, sample_generator)
     cdt = compute_dtype(x, W)
     with torch.no_grad():
@@ -369,11 +366,14 @@ def check_num_classes(num_classes, world_size: int) -> None:
                          "every rank needs at least one class")
 
 
-def check_sample_rate(sample_rate) -> None:
-    """Partial FC's rate: None (off) or in (0, 1]."""
-    if sample_rate is not None and not (isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool)
-                                        and 0.0 < float(sample_rate) <= 1.0):
-        raise ValueError(f"sample_rate must be None or in (0, 1] (the fraction of each shard's classes kept), "
+def check_sample_rate(sample_rate, allow_none: bool = True) -> None:
+    """Partial FC's rate: in (0, 1], or None (off) where ``allow_none``."""
+    if sample_rate is None and allow_none:
+        return
+    if not (isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool)
+            and 0.0 < float(sample_rate) <= 1.0):
+        none = "None or " if allow_none else ""
+        raise ValueError(f"sample_rate must be {none}in (0, 1] (the fraction of each shard's classes kept), "
                          f"got {sample_rate!r}")
 
 
