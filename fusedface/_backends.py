@@ -33,7 +33,11 @@ def _native_kernels():
 def _triton_kernels():
     try:
         importlib.import_module("triton")
-        return importlib.import_module("fusedface._triton")
+        kernels = importlib.import_module("fusedface._triton")
+        # the training step's kernels are created now too (triton fixes a kernel's mode, compiled or
+        # interpreted, when it is decorated)
+        importlib.import_module("fusedface._triton_step")
+        return kernels
     except ImportError:
         return None
 

@@ -21,10 +21,11 @@ __all__ = ["margin_softmax_loss", "npt_loss", "otface_loss"]
 
 
 def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0, *, backend="auto",
-                              tile_size=None, tile_budget=None, checked=False):
+                              tile_size=None, tile_budget=None, checked=False, want_stats=True):
     """The loss and per-row statistics ``{"pred", "sv_count", "valid"}`` (used by the heads).
 
-    ``checked=True``: the caller (a head) already ran the checks of ``x``, ``W`` and ``y``."""
+    ``checked=True``: the caller (a head) already ran the checks of ``x``, ``W`` and ``y``.
+    ``want_stats=False``: the statistics may come back as None (the Triton step then skips them)."""
     if not checked:
         check_embeddings_and_centres(x, W)
     name = _backend_name(backend, x.device)
@@ -34,13 +35,25 @@ def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0, *, b
     if not checked:
         check_labels(y, B, C, opts.ignore_index, x.device)
     m2, m3 = check_row_margins(m2, m3, B, x.device)
-    tile = choose_tile(B, x.shape[1], C, tile_budget, tile_size)
+    tile = choose_tile(B, x.shape[1], C, tile_budget, tile_size)  # (also checks tile_size)
+    if name == "triton" and _triton_step_applies(x, W):
+        # the Triton training step (fusedface/_triton_step.py): six launches per forward + backward
+        from . import _triton_step
+        loss, pred, sv = _triton_step.margin_loss(x, W, y, opts, m2, m3, want_stats)
+        if not want_stats:
+            return loss, None
+        return loss, {"pred": pred, "sv_count": sv, "valid": y != opts.ignore_index}
     cdt = compute_dtype(x, W)
     rows, pred, sv, *_ = torch.ops.fusedface.margin_softmax_fwd(
         x, W, y, row_margin(m2, B, x.device, cdt), row_margin(m3, B, x.device, cdt), name, opts.scale, opts.m1,
         opts.theta_policy, opts.negative, opts.t, opts.grad_mode, opts.ignore_index, tile)
     valid = y != opts.ignore_index
     return R._reduce(rows, valid, opts.reduction), {"pred": pred, "sv_count": sv, "valid": valid}
+
+
+def _triton_step_applies(x, W) -> bool:
+    from . import _triton_step
+    return _triton_step.applies(x, W)
 
 
 def _backend_name(backend, device: torch.device) -> str:
@@ -64,7 +77,8 @@ def margin_softmax_loss(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_po
     """
     opts = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
                          grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
-    return margin_softmax_with_stats(x, W, y, opts, m2, m3, backend=backend, tile_size=tile_size)[0]
+    return margin_softmax_with_stats(x, W, y, opts, m2, m3, backend=backend, tile_size=tile_size,
+                                     want_stats=False)[0]
 
 
 def npt_loss(x, W, y, *, delta=0.5, k=1, r=1.0, reduction="mean", ignore_index=-1, backend="auto",

@@ -169,20 +169,42 @@ def _grad_mma(p, v, acc, CAST: tl.constexpr, SPLIT_DC: tl.constexpr, RESCALE: tl
     if CAST:
         acc = _dot_pv(p.to(acc.dtype), v.to(acc.dtype), acc, P_RIGHT, PRECISION, False)
     else:
-        if RESCALE:
-            amax = tl.max(tl.max(tl.abs(p), axis=1), axis=0)
-            e = tl.floor(tl.log2(tl.maximum(amax, 1e-30)))
-            e = tl.minimum(tl.maximum(e, -64.0), 64.0)
-            up = tl.exp2(e)
-            p = p / up
-            acc = acc / up
-        hi = _round(p, v.dtype, UPCAST)
-        acc = _dot_pv(hi, v, acc, P_RIGHT, PRECISION, UPCAST)
-        if SPLIT_DC:
-            lo = _round(p - hi.to(p.dtype), v.dtype, UPCAST)
-            acc = _dot_pv(lo, v, acc, P_RIGHT, PRECISION, UPCAST)
-        if RESCALE:
-            acc = acc * up
+        acc = _scaled_dot(p, v, acc, SPLIT_DC, RESCALE, PRECISION, UPCAST, P_RIGHT)
+    return acc
+
+
+@triton.jit
+def _pscale(p, RESCALE: tl.constexpr):
+    """fp16 (``RESCALE``): ``2^e`` with ``e`` the exponent of the tile's largest |p| (clamped to ±64),
+    the scale that keeps a tile of ``p`` and its accumulator inside fp16's range; 1 otherwise."""
+    if RESCALE:
+        amax = tl.max(tl.max(tl.abs(p), axis=1), axis=0)
+        e = tl.floor(tl.log2(tl.maximum(amax, 1e-30)))
+        e = tl.minimum(tl.maximum(e, -64.0), 64.0)
+        up = tl.exp2(e)
+    else:
+        up = 1.0
+    return up
+
+
+@triton.jit
+def _scaled_dot(p, v, acc, TWO: tl.constexpr, RESCALE: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr, P_RIGHT: tl.constexpr):
+    """``acc + p @ v`` (``acc + v @ p`` with ``P_RIGHT``) for an fp32 tile ``p`` and a 16-bit ``v``: one
+    tensor-core dot on ``p`` rounded to ``v``'s dtype, and with ``TWO`` a second one on the rounding
+    remainder (``hi + lo``). ``RESCALE`` (fp16): ``p`` and the accumulator are scaled by ``2^-e``
+    around the dots (exact: a power of two)."""
+    up = _pscale(p, RESCALE)
+    if RESCALE:
+        p = p / up
+        acc = acc / up
+    hi = _round(p, v.dtype, UPCAST)
+    acc = _dot_pv(hi, v, acc, P_RIGHT, PRECISION, UPCAST)
+    if TWO:
+        lo = _round(p - hi.to(tl.float32), v.dtype, UPCAST)
+        acc = _dot_pv(lo, v, acc, P_RIGHT, PRECISION, UPCAST)
+    if RESCALE:
+        acc = acc * up
     return acc
 
 
