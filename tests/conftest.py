@@ -12,15 +12,127 @@ import torch
 # first would fix triton's standard library in compiled mode and test_triton.py could no longer run.
 # Import triton and fusedface's kernels once here, under the interpreter, before any test module;
 # the variable is then restored so the other modules see the environment they were given.
-if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+_TRITON_ENV = os.environ.get("TRITON_INTERPRET")  # as the suite was started
+if not torch.cuda.is_available() and _TRITON_ENV is None:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import triton.language  # noqa: F401
         import fusedface.triton_kernels.margin_softmax  # noqa: F401
-    except ImportError:  # triton missing: test_triton.py skips with that reason
+    except ImportError:  # triton missing: test_triton.py and the shared tests' Triton cases skip with that reason
         pass
+    else:
+        try:  # the launcher too (the resolver imports it), in case it defines kernels of its own
+            import fusedface
+            fusedface.available_backends()
+        except Exception:  # noqa: BLE001 - a broken launcher fails the Triton cases, not the whole session
+            pass
     finally:
         del os.environ["TRITON_INTERPRET"]
+
+
+# ------------------------------------------------------------------ the backends of the shared tests
+#
+# Every shared test that runs "on every backend" takes its cases from backend_cases() (``(device,
+# backend)`` pairs) or backend_names() (names, CPU tensors). The Triton backend is always among them:
+# on CPU tensors it runs under Triton's interpreter (TRITON_INTERPRET=1 is set for the duration of
+# each Triton case by the autouse fixture below, so the resolver lists it), compiled on CUDA tensors;
+# where it cannot run the case is skipped with the reason (shown by ``-ra``), never left out.
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton_backend(device): a shared-test case on the Triton backend "
+                            "(interpreted on CPU tensors); skipped with a reason where Triton cannot run")
+    # the interpreter evaluates masked-off lanes too (log2(0), 0·inf, ...) and numpy warns about values
+    # that the kernel then discards; the tests check what the kernels return
+    config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+def triton_unusable(device: str = "cpu") -> str:
+    """Why the Triton backend cannot run ``device`` tensors in this process ("" when it can)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language.standard as tl_std
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); pip install triton (tests: `pip install .[test]`)"
+    if device != "cpu":
+        return ""
+    if _TRITON_ENV not in (None, "1"):
+        return (f"TRITON_INTERPRET={_TRITON_ENV!r} in the environment: the Triton kernels can only run on CPU "
+                "tensors under TRITON_INTERPRET=1")
+    import sys
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    if not isinstance(tl_std.sum, InterpretedFunction):
+        why = ("a GPU is present, so conftest.py left Triton in compiled mode" if torch.cuda.is_available() else
+               "triton was imported before conftest.py could set TRITON_INTERPRET=1")
+        return (f"Triton's standard library was created in compiled mode ({why}), so CPU tensors cannot run "
+                "under its interpreter in this process; run `TRITON_INTERPRET=1 pytest ...` for the CPU cases")
+    compiled = sorted(f"{mod}.{attr}" for mod, module in list(sys.modules.items())
+                      if mod.startswith("fusedface") and module is not None
+                      for attr, obj in list(vars(module).items())
+                      if isinstance(obj, JITFunction) and not isinstance(obj, InterpretedFunction))
+    if compiled:
+        return (f"fusedface's kernels {', '.join(compiled[:3])} were created in compiled mode before "
+                "TRITON_INTERPRET=1 was set, so they cannot run on CPU tensors in this process; "
+                "run `TRITON_INTERPRET=1 pytest ...`")
+    return ""
+
+
+def is_interpreted(case) -> bool:
+    """Whether a case (a ``(device, backend)`` pair or a backend name) runs the Triton interpreter:
+    such cases get small shapes and few examples (each interpreted launch walks its grid in Python)."""
+    device, backend = case if isinstance(case, tuple) else ("cpu", case)
+    return backend == "triton" and device == "cpu"
+
+
+def _available(device: str) -> list[str]:
+    import fusedface
+    return [b for b in fusedface.available_backends(device) if b != "triton"]
+
+
+def _param(value, device: str, backend: str, test_id: str):
+    marks = [pytest.mark.triton_backend(device)] if backend == "triton" else []
+    return pytest.param(value, id=test_id, marks=marks)
+
+
+def backend_cases(*, fused: bool = False) -> list:
+    """``(device, backend)`` parameters: every backend for CPU tensors (reference, torch, native where
+    built, triton interpreted), and for CUDA tensors where a GPU is (triton compiled). ``fused``:
+    without the reference."""
+    out = []
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        suffix = "" if device == "cpu" else f"-{device}"
+        for b in _available(device) + ["triton"]:
+            if not (fused and b == "reference"):
+                out.append(_param((device, b), device, b, b + suffix))
+    return out
+
+
+def backend_names(*, fused: bool = False) -> list:
+    """Backend-name parameters for CPU tensors: reference, torch, native where built, triton
+    (interpreted). ``fused``: without the reference."""
+    return [_param(b, "cpu", b, b) for b in _available("cpu") + ["triton"] if not (fused and b == "reference")]
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend_case(request, monkeypatch):
+    """For a Triton case: skip with the reason when Triton cannot run here; on CPU set
+    TRITON_INTERPRET=1 for the test (the backend resolver lists Triton for CPU tensors only then)."""
+    marker = request.node.get_closest_marker("triton_backend")
+    if marker is None:
+        return
+    device = marker.args[0] if marker.args else "cpu"
+    why = triton_unusable(device)
+    if why:
+        pytest.skip(f"Triton backend: {why}")
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import fusedface
+    if "triton" not in fusedface.available_backends(device):
+        pytest.fail(f"triton is installed and usable for {device} tensors, yet fusedface.available_backends"
+                    f"({device!r}) does not list it: the launcher failed to import")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float = 0.0, name: str = ""):

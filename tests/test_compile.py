@@ -21,12 +21,13 @@ from torch._dynamo.utils import counters
 
 import fusedface
 import fusedface as ff
-from conftest import assert_close
+from conftest import assert_close, backend_names
 from fusedface import functional as F_
 from fusedface._engine import REGISTERED_OPS
 
-BACKENDS = fusedface.available_backends()
-FUSED = [b for b in BACKENDS if b != "reference"]
+# reference, torch, native where built, triton (interpreted: skipped with the reason where it cannot run)
+BACKENDS = backend_names()
+FUSED = backend_names(fused=True)
 
 
 @pytest.fixture(autouse=True)
@@ -177,7 +178,7 @@ def test_compiled_training_step_every_head(name, backend):
         assert torch.equal(got[2][key], eager[2][key]), f"{name} buffer {key}"
 
 
-@pytest.mark.parametrize("backend", [b for b in FUSED if b != "torch"])
+@pytest.mark.parametrize("backend", [c for c in FUSED if c.values[0] != "torch"])
 def test_compiled_training_step_other_fused_backends(backend):
     for name in ("ArcFace", "NPT"):
         eager = _train(name, backend, None)

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 import fusedface as ff
 import fusedface.distributed as FD
-from conftest import make_problem
+from conftest import backend_names, make_problem
 
 C = 1001  # not divisible by 2 or 3
 D = 24
@@ -707,11 +707,7 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([__file__, "-q"]))
 
 
-def _fused_backends_here():
-    return [b for b in ff.available_backends() if b != "reference"]
-
-
-@pytest.mark.parametrize("backend", _fused_backends_here())
+@pytest.mark.parametrize("backend", backend_names(fused=True))
 def test_sharded_nan_centre_gives_nan_loss(backend):
     """NaN in, NaN out across shards, as in one process: a NaN class centre makes the loss NaN
     (the streaming top-k and the kernels' max may skip a NaN cosine; the shards must not)."""
