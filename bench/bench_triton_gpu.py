@@ -39,13 +39,13 @@ import torch.nn.functional as F
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _inputs(B, D, C, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    W = (torch.randn(C, D, device="cuda", generator=g) * 0.05).to(dtype)
-    y = torch.randint(0, C, (B,), device="cuda", generator=g)
+def _inputs(B, D, C, dtype, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    W = (torch.randn(C, D, device=device, generator=g) * 0.05).to(dtype)
+    y = torch.randint(0, C, (B,), device=device, generator=g)
     # embeddings near their centre so the target cosines and the softmax are not degenerate
     x = (W[y].float() / W[y].float().norm(dim=1, keepdim=True) * 3.0
-         + 0.15 * torch.randn(B, D, device="cuda", generator=g)).to(dtype)
+         + 0.15 * torch.randn(B, D, device=device, generator=g)).to(dtype)
     return x, W, y
 
 

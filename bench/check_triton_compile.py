@@ -82,6 +82,102 @@ def _variants():
     return out
 
 
+STEP_KERNELS = ("step_fwd", "step_dw", "step_prologue", "step_merge", "step_reduce", "step_dx", "hybrid_fwd",
+                "hybrid_bwd")
+
+
+def _step_variants():
+    """The training step's kernels (``fusedface/_triton_step.py``): the fused forward and dW in every
+    shipped configuration for bf16, fp16 and mixed (bf16 x, fp32 W), the opt-in hi + lo split, and
+    the O(B·D) / epilogue kernels once per arch."""
+    from fusedface import _triton_step as TS
+    out = []
+    for (arch, kern), cfg in sorted(TS.STEP_CONFIGS.items()):
+        base = kern.split("_")[0]
+        mixed = kern.endswith("_mixed")
+        if kern == "dw_split":  # the dW config under FUSEDFACE_TRITON_SPLIT_GRAD=1
+            res = int(cfg.resident and 512 <= cfg.block_d)
+            for dt, wdt in (("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")):
+                out.append((arch, "step_dw", cfg, dt, dict(NEGATIVE=1, W_CAST=int(wdt != dt), SPLIT=1,
+                                                           RESCALE=int(dt == "fp16"), UPCAST=0, PRECISION="ieee",
+                                                           PER_ROW=0, GRAD_T=int(cfg.grad_t), RESIDENT=res,
+                                                           T_RECOMP=0, wdt=wdt, tag="split")))
+            continue
+        if kern.endswith("_split"):  # the forward's config under FUSEDFACE_TRITON_SPLIT_GRAD=1
+            out.append((arch, "step_fwd", cfg, "bf16", dict(NEGATIVE=1, W_CAST=0, SPLIT=1, RESCALE=0, UPCAST=0,
+                                                            PRECISION="ieee", COUNT_SV=1, NEED_DX=1,
+                                                            T_DOT=int(cfg.grad_t), wdt="bf16", tag="split",
+                                                            X_RES=int(cfg.resident and 512 <= cfg.block_d
+                                                                      and not cfg.grad_t))))
+            continue
+        pairs = [("bf16", "fp32")] if mixed else ([("bf16", "bf16"), ("fp16", "fp16")] if base == "fwd"
+                                                  else [("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")])
+        for dt, wdt in pairs:
+            common = dict(NEGATIVE=1, W_CAST=int(wdt != dt), SPLIT=0, RESCALE=int(dt == "fp16"), UPCAST=0,
+                          PRECISION="ieee", wdt=wdt)
+            if base == "fwd":
+                flags = dict(common, COUNT_SV=1, NEED_DX=1, T_DOT=int(cfg.grad_t),
+                             X_RES=int(cfg.resident and 512 <= cfg.block_d and not cfg.grad_t))
+            else:  # RESIDENT / T_RECOMP as a launch at D = 512 sets them
+                res = int(cfg.resident and 512 <= cfg.block_d)
+                flags = dict(common, PER_ROW=0, GRAD_T=int(cfg.grad_t), RESIDENT=res,
+                             T_RECOMP=int(res and cfg.block_m < 64 <= cfg.block_n))
+            out.append((arch, "step_" + base, cfg, dt, flags))
+            if base == "dw" and (arch, "dw_split") not in TS.STEP_CONFIGS:  # the split on this config
+                out.append((arch, "step_" + base, cfg, dt, dict(flags, SPLIT=1, tag="split")))
+    from fusedface._triton import LaunchConfig
+    small = LaunchConfig(TS._row_block(512), 0, 0, 512, num_warps=TS.SMALL_WARPS, num_stages=1)
+    for arch in ("sm80", "sm90"):
+        for dt, wdt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")):
+            out.append((arch, "step_prologue", small, dt, dict(M2_VEC=1, M3_VEC=1, POLICY=1, STRAIGHT=0,
+                                                               W_CAST=int(wdt != dt), UPCAST=0, wdt=wdt)))
+            out.append((arch, "step_dx", small, dt, dict(PER_ROW=0, GX_GIVEN=0, W_CAST=int(wdt != dt), UPCAST=0,
+                                                         wdt=wdt)))
+        out.append((arch, "step_merge", small, "fp32", dict(NEED_DX=1, wdt="fp32")))
+        out.append((arch, "step_reduce", LaunchConfig(1024, 0, 0, 0), "fp32", dict(MEAN=1, wdt="fp32")))
+        out.append((arch, "hybrid_fwd", TS.EPI, "fp32", dict(NEGATIVE=1, COUNT_SV=1, wdt="fp32")))
+        out.append((arch, "hybrid_bwd", TS.EPI_BWD, "fp32", dict(NEGATIVE=1, PER_ROW=0, wdt="fp32")))
+    return out
+
+
+def _step_signature(kern: str, dt: str, wdt: str):
+    x, w, f, i64, i32 = DTYPES[dt], DTYPES[wdt], "*fp32", "*i64", "i32"
+    ints = dict(B=i32, C=i32, D=i32, stride_x=i32, stride_w=i32)
+    sc = dict(scale="fp32", sv_a="fp32", sv_b="fp32")
+    parts = dict(m_ptr=f, l_ptr=f, best_ptr=f, arg_ptr=i64, sv_ptr="*i32")
+    rowv = dict(xinv_ptr=f, winv_ptr=f, f_ptr=f, ylab_ptr=i64, lse_ptr=f, slope_ptr=f, g_ptr=f, wscale_ptr=f)
+    if kern == "step_fwd":
+        return dict(x_ptr=x, w_ptr=w, xinv_ptr=f, f_ptr=f, ylab_ptr=i64, winv_ptr=f, **parts, e_ptr=f, **ints,
+                    n_splits=i32, **sc)
+    if kern == "step_dw":
+        return dict(x_ptr=x, w_ptr=w, **rowv, dw_ptr=w, **ints, stride_dw=i32, **sc)
+    if kern == "step_prologue":
+        return dict(x_ptr=x, w_ptr=w, y_ptr=i64, m2_ptr=f, m3_ptr=f, xinv_ptr=f, f_ptr=f, slope_ptr=f, ylab_ptr=i64,
+                    **ints, ignore_index=i32, m1="fp32", m2_val="fp32", m3_val="fp32")
+    if kern == "step_dx":
+        return dict(x_ptr=x, w_ptr=w, xinv_ptr=f, ylab_ptr=i64, f_ptr=f, lse_ptr=f, slope_ptr=f, g_ptr=f,
+                    wscale_ptr=f, e_ptr=f, dx_ptr=x, B=i32, D=i32, stride_x=i32, stride_w=i32, scale="fp32")
+    if kern == "step_merge":
+        return dict(**parts, e_ptr=f, f_ptr=f, ylab_ptr=i64, lse_ptr=f, rows_ptr=f, pred_ptr=i64, svc_ptr="*i32",
+                    ebar_ptr=f, B=i32, D=i32, n_splits=i32, scale="fp32")
+    if kern == "step_reduce":
+        return dict(rows_ptr=f, ylab_ptr=i64, loss_ptr=f, wscale_ptr=f, B=i32)
+    if kern == "hybrid_fwd":
+        return dict(buf_ptr=f, xinv_ptr=f, winv_ptr=f, f_ptr=f, ylab_ptr=i64, **parts, B=i32, n=i32, c0=i32,
+                    part0=i32, n_parts=i32, **sc)
+    return dict(buf_ptr=f, **{k: v for k, v in rowv.items()}, coef_ptr=f, B=i32, n=i32, c0=i32, **sc)
+
+
+def _step_meta(kern: str, cfg) -> dict:
+    if kern in ("step_fwd", "step_dw"):
+        return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d)
+    if kern in ("step_prologue", "step_dx", "step_merge"):
+        return dict(BLOCK_R=cfg.block_m, BLOCK_D=cfg.block_d)
+    if kern == "step_reduce":
+        return dict(BLOCK=cfg.block_m)
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+
+
 def _signature(kern: str, dt: str):
     p = DTYPES[dt]
     acc = "*fp64" if dt == "fp64" else "*fp32"
@@ -108,11 +204,14 @@ def compile_one(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fusedface._triton import _KERNELS
+    from fusedface.triton_kernels import margin_step
 
-    fn = _KERNELS[kern]
-    flags = {k: v for k, v in flags.items() if k != "tag"}
-    consts = dict(flags, **cfg.meta())
-    sig = _signature(kern, dt)
+    step = kern in STEP_KERNELS
+    fn = getattr(margin_step, kern + "_kernel") if step else _KERNELS[kern]
+    wdt = flags.get("wdt", dt)
+    flags = {k: v for k, v in flags.items() if k not in ("tag", "wdt")}
+    consts = dict(flags, **(_step_meta(kern, cfg) if step else cfg.meta()))
+    sig = _step_signature(kern, dt, wdt) if step else _signature(kern, dt)
     full = {}
     for name in fn.arg_names:
         full[name] = "constexpr" if name in consts else sig[name]
@@ -131,16 +230,24 @@ def compile_one(job):
     try:
         res = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
                              check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(path)
+    hgmma = len(re.findall(r"\bHGMMA\b", sass))
+    hmma = len(re.findall(r"\bHMMA\b", sass))
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
     if not m:
         raise RuntimeError(f"cannot parse cuobjdump output: {res!r}")
     reg, stack, _, local = (int(g) for g in m.groups())
-    return dict(kernel=kern, arch=f"sm_{arch}", dtype=dt, tag=job[4].get("tag", ""),
+    # the hot dots of the default path's 16-bit kernels on sm_90 must be warpgroup MMA (no mma.sync)
+    hot = step and kern in ("step_fwd", "step_dw") and arch == 90 and dt in ("bf16", "fp16")
+    return dict(kernel=kern, arch=f"sm_{arch}", dtype=dt + ("/W " + wdt if wdt != dt else ""),
+                tag=job[4].get("tag", ""),
                 config=f"M{cfg.block_m} N{cfg.block_n} K{cfg.block_k}" + (f" D{cfg.block_d}" if cfg.block_d else "")
                 + f" w{cfg.num_warps} s{cfg.num_stages}",
-                flags=" ".join(f"{a}={b}" for a, b in flags.items() if a in ("PRECISION", "SPLIT_DC", "ATOMIC", "RESIDENT", "GRAD_T", "K")),
+                flags=" ".join(f"{a}={b}" for a, b in flags.items() if a in ("PRECISION", "SPLIT_DC", "ATOMIC", "RESIDENT",
+                                                                             "GRAD_T", "K", "SPLIT", "T_DOT", "T_RECOMP")),
+                hgmma=hgmma, hmma=hmma, wgmma_required=hot, wgmma_ok=(not hot) or (hgmma > 0 and hmma == 0),
                 registers=reg, spill_bytes=stack + local, shared=int(k.metadata.shared),
                 shared_limit=SMEM_LIMIT[arch], seconds=round(time.time() - t0, 1))
 
@@ -152,7 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
-    jobs = [(int(a[2:]),) + v[1:] for v in _variants() for a in [v[0]] if int(a[2:]) in args.arch]
+    jobs = [(int(a[2:]),) + v[1:] for v in _variants() + _step_variants() for a in [v[0]] if int(a[2:]) in args.arch]
     rows, failed = [], []
     t0 = time.time()
     with cf.ProcessPoolExecutor(max_workers=args.jobs) as ex:
@@ -164,19 +271,20 @@ def main(argv=None) -> int:
             except Exception as exc:  # a compile error is a failure, reported with its job
                 failed.append((j, f"{type(exc).__name__}: {exc}"))
     rows.sort(key=lambda r: (r["arch"], r["kernel"], r["dtype"], r["tag"], r["flags"]))
-    hdr = f"{'kernel':<5} {'arch':<6} {'dtype':<5} {'variant':<7} {'config':<26} {'flags':<48} {'regs':>4} {'spill':>5} {'smem KiB':>9} {'limit':>6}  ok"
+    hdr = (f"{'kernel':<13} {'arch':<6} {'dtype':<12} {'variant':<7} {'config':<26} {'flags':<40} {'regs':>4} "
+           f"{'spill':>5} {'smem KiB':>9} {'limit':>6} {'HGMMA':>6} {'HMMA':>5}  ok")
     print(hdr)
     print("-" * len(hdr))
     bad = 0
     for r in rows:
-        ok = r["spill_bytes"] == 0 and r["shared"] <= r["shared_limit"]
+        ok = r["spill_bytes"] == 0 and r["shared"] <= r["shared_limit"] and r["wgmma_ok"]
         bad += not ok
-        print(f"{r['kernel']:<5} {r['arch']:<6} {r['dtype']:<5} {r['tag'] or 'default':<7} {r['config']:<26} "
-              f"{r['flags']:<48} {r['registers']:>4} {r['spill_bytes']:>5} {r['shared'] / 1024:>9.1f} "
-              f"{r['shared_limit'] // 1024:>6}  {'yes' if ok else 'NO'}")
+        print(f"{r['kernel']:<13} {r['arch']:<6} {r['dtype']:<12} {r['tag'] or 'default':<7} {r['config']:<26} "
+              f"{r['flags']:<40} {r['registers']:>4} {r['spill_bytes']:>5} {r['shared'] / 1024:>9.1f} "
+              f"{r['shared_limit'] // 1024:>6} {r['hgmma']:>6} {r['hmma']:>5}  {'yes' if ok else 'NO'}")
     for j, err in failed:
         print(f"COMPILE ERROR {j[1]} sm_{j[0]} {j[3]} {j[2]}: {err}")
-    print(f"{len(rows)} compiled, {len(failed)} failed to compile, {bad} over a limit "
+    print(f"{len(rows)} compiled, {len(failed)} failed to compile, {bad} over a limit or without warpgroup MMA "
           f"({time.time() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as fh:
