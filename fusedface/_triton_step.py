@@ -57,9 +57,9 @@ STEP_CONFIGS: dict[tuple[str, str], LaunchConfig] = {
     # spills at 16-class tiles on sm_90 with triton 3.9, so not shipped; docs/perf.md)
     ("sm90", "fwd"): C_(64, 16, 64, 512, num_warps=8, num_stages=2, resident=False),
     ("sm90", "fwd_mixed"): C_(64, 16, 64, 512, num_warps=8, num_stages=1, resident=False),
-    ("sm90", "dw"): C_(64, 16, 64, 512, num_warps=8, num_stages=2, grad_t=True),
-    # the opt-in split with an fp32 W spills with the W tile resident: stream it instead
-    ("sm90", "dw_split"): C_(64, 16, 64, 512, num_warps=8, num_stages=2, grad_t=True, resident=False),
+    # dW: 32-class tiles with W streamed in K chunks and x's row block cached in L1 for the gradient
+    # product (254 registers, 0 spills); keeping the W tile resident fits only 16 classes (2x the x traffic)
+    ("sm90", "dw"): C_(64, 32, 64, 512, num_warps=8, num_stages=1, grad_t=True, resident=False),
     ("sm90", "fwd_split"): C_(64, 16, 64, 512, num_warps=8, num_stages=2, resident=False),
     ("sm80", "fwd"): C_(64, 16, 64, 512, num_warps=8, num_stages=1, resident=False),
     ("sm80", "fwd_mixed"): C_(64, 16, 32, 512, num_warps=8, num_stages=1, resident=False),

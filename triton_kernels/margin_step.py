@@ -149,8 +149,10 @@ def _tile_products(x_ptr, w_tile, rows, row_ok, lane, col_ok, D, stride_x, strid
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
+        # x's row block is read again with every class tile: ask for it to stay in L1 (``.ca``), where it
+        # fits (64 rows × 512 × 2 bytes) beside the pipeline's shared memory, instead of L2 each time
         a = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".ca")
         b = tl.load(w_tile + lane[None, :] * stride_w + ks[:, None],
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         b = _to_input(b, x_ptr.dtype.element_ty, W_CAST, UPCAST)
