@@ -486,14 +486,15 @@ _LIB = torch.library.Library("fusedface", "FRAGMENT")
 def _register_autocast(device_type: str):
     """Autocast rule of ``triton_step_fwd``: cast an fp32 ``x`` to the region's 16-bit dtype and leave
     ``W`` alone (the fused path rounds its tiles in registers: no 16-bit copy of ``W``). What
-    ``torch.library.register_autocast`` does, except that it would cast ``W`` too."""
+    ``torch.library.register_autocast`` does, except that it would cast ``W`` too. Under
+    ``FUSEDFACE_TRITON_MIXED=32`` (fp32 products) nothing is cast."""
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     dkey = getattr(torch._C.DispatchKey, key)
 
     def kernel(_keyset, x, W, *rest):
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dkey)):
             dt = torch.get_autocast_dtype(device_type)
-            if x.dtype == torch.float32 and dt in SIXTEEN and x.device.type == device_type:
+            if x.dtype == torch.float32 and dt in SIXTEEN and x.device.type == device_type and _mixed16():
                 x = x.to(dt)
             return torch.ops.fusedface.triton_step_fwd(x, W, *rest)
 

@@ -547,6 +547,12 @@ def test_step_autocast_runs_the_16bit_path_without_copying_w(path, monkeypatch):
     assert torch.equal(loss.detach(), mixed[0]), (float(loss), float(mixed[0]))
     assert torch.equal(gW, mixed[2])
     assert torch.equal(gx, mixed[1].float())
+    monkeypatch.setenv("FUSEDFACE_TRITON_MIXED", "32")  # the opt-out: fp32 products, x not cast
+    xl, Wl = leaf(x, W)
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        loss = F_.margin_softmax_loss(xl, Wl, y, backend="triton", m2=0.5)
+    exact = _run(F_.margin_softmax_loss, x.double(), W.double(), y, "reference", m2=0.5)
+    assert_close(loss, exact[0], rtol=1e-5, name="loss under autocast with FUSEDFACE_TRITON_MIXED=32")
 
 
 @pytest.mark.parametrize("path", ["fused", "hybrid"])
