@@ -466,7 +466,6 @@ def measure_floor(ctx, x, W):
         out["fp32_tf32_allowed"] = bool(torch.backends.cuda.matmul.allow_tf32)
     else:
         out["stand_in"] = "CPU torch.mm, not cuBLAS (smoke: exercises the arithmetic, the numbers mean nothing)"
-    del dc
     return out
 
 
@@ -771,7 +770,7 @@ def evaluate_targets(ctx):
     out = [target(f"bf16 C={big} fusedface / 4-GEMM floor", r1, 2.0,
                   f"{_fmt(ff, '.3f')} / {_fmt(floor, '.3f')} ms = {{v:.2f}}x (limit {{lim}}x)", missing=miss1),
            target(f"bf16 C={big} fusedface / 4-GEMM floor (moonshot)", r1, 1.3,
-                  f"{{v:.2f}}x (moonshot {{lim}}x)", required=False, missing=miss1)]
+                  "{v:.2f}x (moonshot {lim}x)", required=False, missing=miss1)]
     f32, mat = ms(big, "fp32", "fusedface"), ms(big, "fp32", "materialised")
     out.append(target(f"fp32 C={big} fusedface / materialised fp32 head", f32 / mat if f32 and mat else None, 0.75,
                       f"{_fmt(f32, '.3f')} / {_fmt(mat, '.3f')} ms = {{v:.2f}} (limit {{lim}})",
