@@ -95,35 +95,21 @@ def _step_variants():
     for (arch, kern), cfg in sorted(TS.STEP_CONFIGS.items()):
         base = kern.split("_")[0]
         mixed = kern.endswith("_mixed")
-        if kern == "dw_split":  # the dW config under FUSEDFACE_TRITON_SPLIT_GRAD=1
-            res = int(cfg.resident and 512 <= cfg.block_d)
-            for dt, wdt in (("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")):
-                out.append((arch, "step_dw", cfg, dt, dict(NEGATIVE=1, W_CAST=int(wdt != dt), SPLIT=1,
-                                                           RESCALE=int(dt == "fp16"), UPCAST=0, PRECISION="ieee",
-                                                           PER_ROW=0, GRAD_T=int(cfg.grad_t), RESIDENT=res,
-                                                           T_RECOMP=0, wdt=wdt, tag="split")))
-            continue
+        # the layout flags as a launch at D = 512 sets them (the launcher's own rule)
+        layout = TS.fwd_flags(cfg, 512) if base == "fwd" else TS.dw_flags(cfg, 512)
         if kern.endswith("_split"):  # the forward's config under FUSEDFACE_TRITON_SPLIT_GRAD=1
             out.append((arch, "step_fwd", cfg, "bf16", dict(NEGATIVE=1, W_CAST=0, SPLIT=1, RESCALE=0, UPCAST=0,
-                                                            PRECISION="ieee", COUNT_SV=1, NEED_DX=1,
-                                                            T_DOT=int(cfg.grad_t), wdt="bf16", tag="split",
-                                                            X_RES=int(cfg.resident and 512 <= cfg.block_d
-                                                                      and not cfg.grad_t))))
+                                                            PRECISION="ieee", COUNT_SV=1, NEED_DX=1, wdt="bf16",
+                                                            tag="split", **layout)))
             continue
         pairs = [("bf16", "fp32")] if mixed else ([("bf16", "bf16"), ("fp16", "fp16")] if base == "fwd"
                                                   else [("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")])
         for dt, wdt in pairs:
             common = dict(NEGATIVE=1, W_CAST=int(wdt != dt), SPLIT=0, RESCALE=int(dt == "fp16"), UPCAST=0,
-                          PRECISION="ieee", wdt=wdt)
-            if base == "fwd":
-                flags = dict(common, COUNT_SV=1, NEED_DX=1, T_DOT=int(cfg.grad_t),
-                             X_RES=int(cfg.resident and 512 <= cfg.block_d and not cfg.grad_t))
-            else:  # RESIDENT / T_RECOMP as a launch at D = 512 sets them
-                res = int(cfg.resident and 512 <= cfg.block_d)
-                flags = dict(common, PER_ROW=0, GRAD_T=int(cfg.grad_t), RESIDENT=res,
-                             T_RECOMP=int(res and cfg.block_m < 64 <= cfg.block_n))
+                          PRECISION="ieee", wdt=wdt, **layout)
+            flags = dict(common, COUNT_SV=1, NEED_DX=1) if base == "fwd" else dict(common, PER_ROW=0)
             out.append((arch, "step_" + base, cfg, dt, flags))
-            if base == "dw" and (arch, "dw_split") not in TS.STEP_CONFIGS:  # the split on this config
+            if base == "dw":  # the opt-in split runs on the same config
                 out.append((arch, "step_" + base, cfg, dt, dict(flags, SPLIT=1, tag="split")))
     from fusedface._triton import LaunchConfig
     small = LaunchConfig(TS._row_block(512), 0, 0, 512, num_warps=TS.SMALL_WARPS, num_stages=1)

@@ -588,6 +588,13 @@ def _print_point(C, dt, prov, r):
 
 # ----------------------------------------------------------------------------- stage 3: launches
 
+def _step_inputs(ctx):
+    """The step problem of the launch and graph stages: the smallest C, bf16, leaves that need grad."""
+    C = min(ctx.Cs)
+    x, W, y = ctx.inputs(C, "bf16")
+    return C, x.requires_grad_(True), W.requires_grad_(True), y
+
+
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
@@ -597,10 +604,7 @@ def stage_launches(ctx, st):
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    C = min(ctx.Cs)
-    x, W, y = ctx.inputs(C, "bf16")
-    x.requires_grad_(True)
-    W.requires_grad_(True)
+    C, x, W, y = _step_inputs(ctx)
     with fusedface_env("fusedface"):
         for _ in range(3):
             x.grad = W.grad = None
@@ -641,10 +645,7 @@ def stage_graph_step(ctx, st):
     if not ctx.cuda:
         raise Skip("CUDA graphs need a GPU (smoke run on CPU)")
     import torch
-    C = min(ctx.Cs)
-    x, W, y = ctx.inputs(C, "bf16")
-    x.requires_grad_(True)
-    W.requires_grad_(True)
+    C, x, W, y = _step_inputs(ctx)
     res = st["results"]
     res.update(C=C, dtype="bf16", method="ms per step from a loop of 50 steps between two CUDA events, median of 5; "
                "eager step = grads set to None, forward, backward")

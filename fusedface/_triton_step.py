@@ -35,6 +35,7 @@ is left as it is — the fused mixed path converts its tiles in registers; ``dW`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Optional
@@ -42,8 +43,9 @@ from typing import Optional
 import torch
 import triton
 
+from ._engine import inverse_norms
 from ._env import env_choice, env_flag
-from ._triton import LaunchConfig, _n_splits, arch_of, fp32_precision
+from ._triton import LaunchConfig, _n_splits, arch_of
 from .triton_kernels import margin_step as K
 
 C_ = LaunchConfig
@@ -72,6 +74,7 @@ ROW_BLOCK = 16
 SMALL_WARPS = 8  # the O(B·D) kernels (prologue, merge, dx): rows × 512 fp32 tiles over 256 threads
 EPI = C_(64, 32, 0, num_warps=8, num_stages=1)  # the hybrid's forward epilogue
 EPI_BWD = C_(64, 64, 0, num_warps=8, num_stages=1)  # its backward epilogue (64 × 32 leaves an 8-byte stack frame)
+_GPU_EPI = {"epi": EPI, "epi_bwd": EPI_BWD}
 # Under TRITON_INTERPRET=1 (CPU tests): small blocks so small shapes leave partial tiles everywhere.
 INTERPRET = {"fwd": C_(16, 32, 32, 512, resident=False), "dw": C_(16, 32, 32, 512, grad_t=True), "epi": C_(16, 32, 0),
              "epi_bwd": C_(16, 32, 0)}
@@ -81,21 +84,17 @@ MAX_FUSED_D = 512
 _OVERRIDE: dict = {}
 
 
+@contextlib.contextmanager
 def override(**kw):
     """``with override(fwd=LaunchConfig(...), dw=..., splits=3, hybrid_chunk=64): ...`` — force block
     sizes, the split count or the hybrid chunk, for tests and the counting script."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def _cm():
-        old = dict(_OVERRIDE)
-        _OVERRIDE.update(kw)
-        try:
-            yield
-        finally:
-            _OVERRIDE.clear()
-            _OVERRIDE.update(old)
-    return _cm()
+    old = dict(_OVERRIDE)
+    _OVERRIDE.update(kw)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
 
 
 def _config(kind: str, device: torch.device, variant: str = "") -> LaunchConfig:
@@ -103,10 +102,8 @@ def _config(kind: str, device: torch.device, variant: str = "") -> LaunchConfig:
         return _OVERRIDE[kind]
     if device.type != "cuda":
         return INTERPRET[kind]
-    if kind == "epi":
-        return EPI
-    if kind == "epi_bwd":
-        return EPI_BWD
+    if kind in _GPU_EPI:
+        return _GPU_EPI[kind]
     arch = arch_of(device)
     return STEP_CONFIGS.get((arch, kind + variant), STEP_CONFIGS[(arch, kind)])
 
@@ -174,6 +171,25 @@ def _dp(D: int) -> int:
 def _fit(cfg: LaunchConfig, D: int) -> LaunchConfig:
     p = _dp(D)
     return dataclasses.replace(cfg, block_k=min(cfg.block_k, p), block_d=p)
+
+
+def fwd_flags(cfg: LaunchConfig, D: int) -> dict:
+    """The forward kernel's layout flags for a config: ``grad_t`` = both products transposed (T_DOT);
+    ``resident`` with one feature chunk = x's row block loaded once (X_RES)."""
+    return dict(T_DOT=int(cfg.grad_t), X_RES=int(cfg.resident and D <= cfg.block_d and not cfg.grad_t))
+
+
+def dw_flags(cfg: LaunchConfig, D: int) -> dict:
+    """The dW kernel's layout flags: transposed accumulator (GRAD_T); W tile resident (RESIDENT) when
+    one feature chunk covers D; class-major recompute (T_RECOMP) for resident tiles of < 64 rows and
+    >= 64 classes."""
+    res = int(cfg.resident and D <= cfg.block_d)
+    return dict(GRAD_T=int(cfg.grad_t), RESIDENT=res, T_RECOMP=int(res and cfg.block_m < 64 <= cfg.block_n))
+
+
+def _unit_stride(*ts: torch.Tensor):
+    """The tensors with unit stride along the feature axis (a copy only where they lack it)."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
 
 
 def _row_block(D: int) -> int:
@@ -246,8 +262,7 @@ def _fused_forward(x, W, xinv, f, ylab, scale, sv_a, sv_b, negative, count_sv, n
             x, W, xinv, f, ylab, winv, pm, pl, pb, pa, ps, pe, B, C, D, x.stride(0), W.stride(0), S,
             float(scale), float(sv_a), float(sv_b),
             NEGATIVE=int(negative), COUNT_SV=int(count_sv), NEED_DX=int(need_dx), W_CAST=fl["W_CAST"],
-            SPLIT=fl["SPLIT"], RESCALE=fl["RESCALE"], UPCAST=fl["UPCAST"], PRECISION="ieee", T_DOT=int(cfg.grad_t),
-            X_RES=int(cfg.resident and D <= cfg.block_d and not cfg.grad_t),
+            SPLIT=fl["SPLIT"], RESCALE=fl["RESCALE"], UPCAST=fl["UPCAST"], PRECISION="ieee", **fwd_flags(cfg, D),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return winv, (pm, pl, pb, pa, ps, pe), S
@@ -267,7 +282,7 @@ def _hybrid_forward(x, W, xinv, f, ylab, scale, sv_a, sv_b, negative, count_sv):
     winv = torch.empty(C, dtype=torch.float32, device=dev)
     chunk = _hybrid_chunk(B, C, dev)
     epi = _config("epi", dev)
-    per = max(1, min(triton.cdiv(chunk, epi.block_n), _sms(dev) // max(1, triton.cdiv(B, epi.block_m))))
+    per = _n_splits(chunk, epi.block_n, triton.cdiv(B, epi.block_m), dev)  # one wave of epilogue programs
     chunks = _hybrid_chunks(C, chunk)
     S = len(chunks) * per
     pm, pl, pb, pa, ps = _partials(S, B, dev)
@@ -275,7 +290,7 @@ def _hybrid_forward(x, W, xinv, f, ylab, scale, sv_a, sv_b, negative, count_sv):
     for i, (c0, n) in enumerate(chunks):
         view = buf[: B * n].view(B, n)
         Wc = _hybrid_w(W, x, c0, n)
-        torch.reciprocal(torch.linalg.vector_norm(Wc, dim=1).clamp_(min=K.EPS_NORM), out=winv[c0:c0 + n])
+        winv[c0:c0 + n] = inverse_norms(Wc, torch.float32)
         torch.mm(x32, Wc.t(), out=view)
         _launch(K.hybrid_fwd_kernel, (triton.cdiv(B, epi.block_m), per),
                 view, xinv, winv, f, ylab, pm, pl, pb, pa, ps, B, n, c0, i * per, per,
@@ -284,22 +299,12 @@ def _hybrid_forward(x, W, xinv, f, ylab, scale, sv_a, sv_b, negative, count_sv):
     return winv, (pm, pl, pb, pa, ps, torch.empty(0, dtype=torch.float32, device=dev)), S
 
 
-def _sms(dev) -> int:
-    if dev.type != "cuda":
-        return 3
-    from ._triton import _sm_count
-    return _sm_count(dev)
-
-
 def step_forward(x, W, y, m2, m3, m2f, m3f, scale, m1, theta_policy, grad_mode, sv_a, sv_b, negative,
                  reduction, ignore_index, need_dx, count_sv):
     """The forward pass; returns the op's outputs (see ``triton_step_fwd``)."""
     B, D = x.shape
     dev = x.device
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if W.stride(-1) != 1:
-        W = W.contiguous()
+    x, W = _unit_stride(x, W)
     path = choose_path(x, W)
     fl = _flags(x, W)
     y = y.contiguous()
@@ -339,10 +344,7 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
     B, D = x.shape
     C = W.shape[0]
     dev = x.device
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if W.stride(-1) != 1:
-        W = W.contiguous()
+    x, W = _unit_stride(x, W)
     grad = grad.contiguous()
     path = choose_path(x, W)
     fl = _flags(x, W)
@@ -357,9 +359,7 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
                     x, W, xinv, winv, ylab, f, lse, slope, grad, wscale, dW, B, C, D,
                     x.stride(0), W.stride(0), dW.stride(0), float(scale), float(sv_a), float(sv_b),
                     W_CAST=fl["W_CAST"], SPLIT=fl["SPLIT"], RESCALE=fl["RESCALE"], UPCAST=fl["UPCAST"],
-                    PRECISION="ieee", GRAD_T=int(cfg.grad_t), RESIDENT=int(cfg.resident and D <= cfg.block_d),
-                    T_RECOMP=int(cfg.resident and D <= cfg.block_d and cfg.block_m < 64 <= cfg.block_n),
-                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                    PRECISION="ieee", **dw_flags(cfg, D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                     BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages, **common)
         if need_dx:
@@ -528,4 +528,4 @@ def margin_loss(x, W, y, opts, m2, m3, want_stats: bool):
 
 
 __all__ = ["margin_loss", "applies", "choose_path", "step_forward", "step_backward", "override", "OPS",
-           "STEP_CONFIGS", "fp32_precision"]
+           "STEP_CONFIGS"]

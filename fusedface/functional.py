@@ -36,10 +36,9 @@ def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0, *, b
         check_labels(y, B, C, opts.ignore_index, x.device)
     m2, m3 = check_row_margins(m2, m3, B, x.device)
     tile = choose_tile(B, x.shape[1], C, tile_budget, tile_size)  # (also checks tile_size)
-    if name == "triton" and _triton_step_applies(x, W):
+    if name == "triton" and _triton_step().applies(x, W):
         # the Triton training step (fusedface/_triton_step.py): six launches per forward + backward
-        from . import _triton_step
-        loss, pred, sv = _triton_step.margin_loss(x, W, y, opts, m2, m3, want_stats)
+        loss, pred, sv = _triton_step().margin_loss(x, W, y, opts, m2, m3, want_stats)
         if not want_stats:
             return loss, None
         return loss, {"pred": pred, "sv_count": sv, "valid": y != opts.ignore_index}
@@ -51,9 +50,10 @@ def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0, *, b
     return R._reduce(rows, valid, opts.reduction), {"pred": pred, "sv_count": sv, "valid": valid}
 
 
-def _triton_step_applies(x, W) -> bool:
+def _triton_step():
+    """``fusedface._triton_step``, imported when a call first needs it (it imports triton)."""
     from . import _triton_step
-    return _triton_step.applies(x, W)
+    return _triton_step
 
 
 def _backend_name(backend, device: torch.device) -> str:

@@ -64,10 +64,8 @@ import triton.language as tl
 
 from .margin_softmax import _dot_pv, _pscale, _round, _scaled_dot
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-EPS_NORM = 1e-12
-EPS_SIN2 = 1e-12
+LOG2E = tl.constexpr(1.4426950408889634)  # logits are kept in log2 units: exp(z) = exp2(z·log2 e)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -291,6 +289,42 @@ def _pdot_split_joined(p, w, acc, RESCALE: tl.constexpr, PRECISION: tl.constexpr
 
 
 @triton.jit
+def _online_update(z2, run_m, run_l, nan_tile):
+    """One tile into the online log-sum-exp (log2 units; Milakov & Gimelshein 2018): the new running
+    max, the tile's ``p = exp2(z₂ − m_new)``, the rescale ``exp2(m_old − m_new)`` and the new running
+    sum; ``nan_tile`` (a NaN centre in the tile) makes the sum NaN — NaN in, NaN out."""
+    new_m = tl.maximum(run_m, tl.max(z2, axis=1))
+    p = tl.exp2(z2 - new_m[:, None])
+    alpha = tl.exp2(run_m - new_m)
+    run_l = run_l * alpha + tl.sum(p, axis=1)
+    if nan_tile:
+        run_l = run_l + float("nan")
+    return new_m, p, alpha, run_l
+
+
+@triton.jit
+def _row_block_bwd(rows, row_ok, xinv_ptr, f_ptr, ylab_ptr, lse_ptr, slope_ptr, g_ptr, wscale_ptr, scale,
+                   PER_ROW: tl.constexpr):
+    """A backward row block's per-row inputs: ``(xinv, f, ylab, lse, gl, dcy)``."""
+    xinv = tl.load(xinv_ptr + rows, mask=row_ok, other=0.0)
+    f = tl.load(f_ptr + rows, mask=row_ok, other=0.0)
+    ylab = tl.load(ylab_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    slope_y = tl.load(slope_ptr + rows, mask=row_ok, other=0.0)
+    gl, dcy = _row_grads(rows, row_ok, ylab, f, lse, slope_y, g_ptr, wscale_ptr, scale, PER_ROW)
+    return xinv, f, ylab, lse, gl, dcy
+
+
+@triton.jit
+def _tile_dc(raw, z2, sv, lab, ok, lse, gl, dcy, scale, sv_a, NEGATIVE: tl.constexpr):
+    """``dℓ/dc`` of a recomputed tile: ``s·exp(z − lse)·gl·slope`` off the label, ``dcy`` on it, 0 on
+    padding."""
+    dc = scale * tl.exp2(z2 - lse[:, None] * LOG2E) * gl[:, None] * _tile_slope(raw, sv, sv_a, NEGATIVE)
+    dc = tl.where(lab, dcy[:, None], dc)
+    return tl.where(ok, dc, 0.0)
+
+
+@triton.jit
 def _row_block_in(pid_m, B, xinv_ptr, f_ptr, ylab_ptr, BLOCK_M: tl.constexpr):
     """A forward program's rows and their per-row inputs: ``(rows, row_ok, rows64, xinv, f, ylab)``."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -427,7 +461,7 @@ def step_fwd_kernel(
     rows, row_ok, rows64, xinv, f, ylab = _row_block_in(pid_m, B, xinv_ptr, f_ptr, ylab_ptr, BLOCK_M)
     # labels and class indices in int32 (``C`` is an int32 argument): fewer live registers in the loop
     ylab = ylab.to(tl.int32)
-    s2 = scale * 1.4426950408889634
+    s2 = scale * LOG2E
     dcols = tl.arange(0, BLOCK_D)
     d_ok = dcols < D
 
@@ -475,12 +509,9 @@ def step_fwd_kernel(
             tl.store(winv_ptr + cols, winv, mask=col_ok)
         raw = acc * xinv[:, None] * winv[None, :]
         c, lab, sv, z2 = _tile_epilogue(raw, ylab, cols, col_ok, f, s2, sv_a, sv_b, NEGATIVE)
-        new_m = tl.maximum(run_m, tl.max(z2, axis=1))
-        p = tl.exp2(z2 - new_m[:, None])
-        alpha = tl.exp2(run_m - new_m)
-        run_l = run_l * alpha + tl.sum(p, axis=1)
-        if tl.sum((wsq < float("inf")).to(tl.int32), axis=0) < BLOCK_N:  # a NaN/Inf centre in this tile
-            run_l = run_l + float("nan")
+        # a NaN/Inf centre in this tile: its squared norm is not finite
+        new_m, p, alpha, run_l = _online_update(z2, run_m, run_l,
+                                                tl.sum((wsq < float("inf")).to(tl.int32), axis=0) < BLOCK_N)
         if NEED_DX:
             pe = tl.where(lab, 0.0, p * _tile_slope(raw, sv, sv_a, NEGATIVE)) * winv[None, :]
             if not X_RES:
@@ -549,7 +580,7 @@ def step_merge_kernel(
         if NEED_DX:
             e += tl.load(e_ptr + at[:, None] * D + dcols[None, :], mask=row_ok[:, None] & d_ok[None, :],
                          other=0.0) * w[:, None]
-    lse = (big_m + tl.log2(big_l)) * 0.6931471805599453
+    lse = (big_m + tl.log2(big_l)) * LN2
     f = tl.load(f_ptr + rows64, mask=row_ok, other=0.0)
     ylab = tl.load(ylab_ptr + rows64, mask=row_ok, other=-1)
     loss = tl.where(ylab != -1, lse - scale * f, 0.0)
@@ -617,7 +648,7 @@ def step_dw_kernel(
     winv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0)
     dcols = tl.cast(pid_d, tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dcols < D
-    s2 = scale * 1.4426950408889634
+    s2 = scale * LOG2E
     if GRAD_T:
         gw = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     else:
@@ -631,12 +662,8 @@ def step_dw_kernel(
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < B
-        xinv = tl.load(xinv_ptr + rows, mask=row_ok, other=0.0)
-        f = tl.load(f_ptr + rows, mask=row_ok, other=0.0)
-        ylab = tl.load(ylab_ptr + rows, mask=row_ok, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        slope_y = tl.load(slope_ptr + rows, mask=row_ok, other=0.0)
-        gl, dcy = _row_grads(rows, row_ok, ylab, f, lse, slope_y, g_ptr, wscale_ptr, scale, PER_ROW)
+        xinv, f, ylab, lse, gl, dcy = _row_block_bwd(rows, row_ok, xinv_ptr, f_ptr, ylab_ptr, lse_ptr, slope_ptr,
+                                                     g_ptr, wscale_ptr, scale, PER_ROW)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         xd = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :],
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -651,10 +678,7 @@ def step_dw_kernel(
                                       W_CAST, UPCAST, PRECISION, False, BLOCK_K)
         raw = acc * xinv[:, None] * winv[None, :]
         c, lab, sv, z2 = _tile_epilogue(raw, ylab, cols64, col_ok, f, s2, sv_a, sv_b, NEGATIVE)
-        dc = scale * tl.exp2(z2 - lse[:, None] * 1.4426950408889634) * gl[:, None] \
-            * _tile_slope(raw, sv, sv_a, NEGATIVE)
-        dc = tl.where(lab, dcy[:, None], dc)
-        dc = tl.where(row_ok[:, None] & col_ok[None, :], dc, 0.0)
+        dc = _tile_dc(raw, z2, sv, lab, row_ok[:, None] & col_ok[None, :], lse, gl, dcy, scale, sv_a, NEGATIVE)
         r += tl.sum(dc * raw, axis=0)
         q = dc * xinv[:, None]
         if not SPLIT:
@@ -741,7 +765,7 @@ def hybrid_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows, row_ok, rows64, xinv, f, ylab = _row_block_in(pid_m, B, xinv_ptr, f_ptr, ylab_ptr, BLOCK_M)
-    s2 = scale * 1.4426950408889634
+    s2 = scale * LOG2E
     run_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     run_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -760,11 +784,9 @@ def hybrid_fwd_kernel(
                       other=0.0)
         raw = acc * xinv[:, None] * winv[None, :]
         c, lab, sv, z2 = _tile_epilogue(raw, ylab, cols64, col_ok, f, s2, sv_a, sv_b, NEGATIVE)
-        new_m = tl.maximum(run_m, tl.max(z2, axis=1))
-        run_l = run_l * tl.exp2(run_m - new_m) + tl.sum(tl.exp2(z2 - new_m[:, None]), axis=1)
-        if tl.sum((winv == winv).to(tl.int32), axis=0) < BLOCK_N:  # a NaN centre (its winv is NaN)
-            run_l = run_l + float("nan")
-        run_m = new_m
+        # a NaN centre: its winv (from torch's norm) is NaN
+        run_m, _, _, run_l = _online_update(z2, run_m, run_l,
+                                            tl.sum((winv == winv).to(tl.int32), axis=0) < BLOCK_N)
         if COUNT_SV:
             svc += tl.sum(sv.to(tl.int32), axis=1)
         best, arg = _argmax_update(c, col_ok, best, arg, c0 + tl.cast(t, tl.int64) * BLOCK_N)
@@ -789,25 +811,18 @@ def hybrid_bwd_kernel(
     col_ok = loc < n
     cols64 = c0 + loc
     winv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0)
-    s2 = scale * 1.4426950408889634
+    s2 = scale * LOG2E
     r = tl.zeros([BLOCK_N], dtype=tl.float32)
     for m0 in range(0, B, BLOCK_M):
         rows64 = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows64 < B
-        xinv = tl.load(xinv_ptr + rows64, mask=row_ok, other=0.0)
-        f = tl.load(f_ptr + rows64, mask=row_ok, other=0.0)
-        ylab = tl.load(ylab_ptr + rows64, mask=row_ok, other=-1)
-        lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
-        slope_y = tl.load(slope_ptr + rows64, mask=row_ok, other=0.0)
-        gl, dcy = _row_grads(rows64, row_ok, ylab, f, lse, slope_y, g_ptr, wscale_ptr, scale, PER_ROW)
+        xinv, f, ylab, lse, gl, dcy = _row_block_bwd(rows64, row_ok, xinv_ptr, f_ptr, ylab_ptr, lse_ptr, slope_ptr,
+                                                     g_ptr, wscale_ptr, scale, PER_ROW)
         at = rows64[:, None] * n + loc[None, :]
         ok = row_ok[:, None] & col_ok[None, :]
         raw = tl.load(buf_ptr + at, mask=ok, other=0.0) * xinv[:, None] * winv[None, :]
         c, lab, sv, z2 = _tile_epilogue(raw, ylab, cols64, col_ok, f, s2, sv_a, sv_b, NEGATIVE)
-        dc = scale * tl.exp2(z2 - lse[:, None] * 1.4426950408889634) * gl[:, None] \
-            * _tile_slope(raw, sv, sv_a, NEGATIVE)
-        dc = tl.where(lab, dcy[:, None], dc)
-        dc = tl.where(ok, dc, 0.0)
+        dc = _tile_dc(raw, z2, sv, lab, ok, lse, gl, dcy, scale, sv_a, NEGATIVE)
         r += tl.sum(dc * raw, axis=0)
         tl.store(buf_ptr + at, dc * winv[None, :], mask=ok)
     tl.store(coef_ptr + loc, -r * winv * winv, mask=col_ok)
