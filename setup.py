@@ -96,7 +96,7 @@ def native_extensions():
 ext_modules, cmdclass = native_extensions()
 
 setup(
-    packages=["fusedface", "fusedface.distributed", "fusedface.triton_kernels"],
+    packages=["fusedface", "fusedface.backends", "fusedface.distributed", "fusedface.triton_kernels"],
     package_dir={"fusedface": "fusedface", "fusedface.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -13,9 +13,10 @@ steps and one measured step (forward + backward + SGD step) on ``--batch`` rows 
   for scale, the ``[B, C]`` fp32 logits a materialising model-parallel head would move are shown.
 * **wire bytes**: the bytes the loopback interface carried during the step (all ranks together,
   TCP/IP overhead included; /proc/net/dev), a check of the counted figures.
-* **peak RSS** of the step (VmHWM, reset through /proc/self/clear_refs after the set-up) and the
-  resident size before it (``W`` and the process, no gradient: ``zero_grad(set_to_none=True)``);
-  their difference is the step's extra memory, against its floor ``dL/dW = C_local·D·4`` bytes.
+* **peak RSS** of the step (``harness.PeakMemory``: VmHWM, reset through /proc/self/clear_refs
+  after the set-up) and the resident size before it (``W`` and the process, no gradient:
+  ``zero_grad(set_to_none=True)``); their difference is the step's extra memory, against its floor
+  ``dL/dW = C_local·D·4`` bytes. The step's time is one repetition of ``harness.time_reps``.
 
 Prints a table, then the JSON.
 """
@@ -35,29 +36,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402  (peak RSS and timing)
 
 HEADS = {
     "arcface": ("ShardedArcFace", {}),
     "arcface-pfc0.1": ("ShardedArcFace", {"sample_rate": 0.1}),
     "npt": ("ShardedNPT", {"k": 4}),
 }
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _lo_tx_bytes() -> int | None:
@@ -99,17 +86,16 @@ def _worker(rank, world, port, args, name, outdir):
             step()
             opt.zero_grad(set_to_none=True)  # the step's dL/dW becomes .grad without a copy
         dist.barrier()
-        rss_before = _status_kib("VmRSS") * 1024
-        reset = _reset_peak()
-        wire0 = _lo_tx_bytes()
-        dist.barrier()
-        t0 = time.perf_counter()
-        with FD.record_communication() as rec:
-            loss = step()
-        seconds = time.perf_counter() - t0
-        dist.barrier()
-        wire1 = _lo_tx_bytes()
-        peak = _status_kib("VmHWM") * 1024
+        losses = []
+        with harness.PeakMemory("cpu", require_reset=False) as pm:  # VmHWM reset through clear_refs
+            wire0 = _lo_tx_bytes()
+            dist.barrier()
+            with FD.record_communication() as rec:
+                seconds = harness.time_reps(lambda: losses.append(step()))[0]
+            dist.barrier()
+            wire1 = _lo_tx_bytes()
+        loss = losses[0]
+        rss_before, peak, reset = pm.base, pm.peak, pm.reset
         lo, hi = head.class_range
         result = {
             "head": name, "world": world, "rank": rank, "classes": args.classes, "classes_local": hi - lo,
@@ -118,7 +104,7 @@ def _worker(rank, world, port, args, name, outdir):
             "payload_bytes": rec.payload_bytes, "sent_bytes": rec.sent_bytes, "by_op": rec.by_op(),
             "wire_bytes_all_ranks": (wire1 - wire0) if (rank == 0 and wire0 is not None) else None,
             "rss_before_step": rss_before, "peak_rss_step": peak if reset else None,
-            "peak_rss_process": _status_kib("VmHWM") * 1024 if not reset else None,
+            "peak_rss_process": peak if not reset else None,
             "W_bytes": (hi - lo) * args.dim * 4,
             "logits_bytes_BxC": args.batch * world * args.classes * 4,
         }

@@ -18,9 +18,10 @@ Providers:
 * ``reference``, ``torch``, ``native``, ``triton``: fusedface's backends (``backend=NAME``), whichever
   ``fusedface.available_backends(device)`` lists at run time. ``reference`` is fusedface's own
   materialised oracle (clarity first: several ``[B, C]`` temporaries).
-* ``insightface``: the materialised head as InsightFace writes it (``F.linear`` of the normalised
-  ``x`` and ``W``, the margin applied in place under ``no_grad`` — a straight-through gradient, as
-  InsightFace's ``CombinedMarginLoss`` — then ``F.cross_entropy`` of ``s·logits``).
+* ``insightface``: the materialised head as InsightFace writes it (``harness.insightface_loss``:
+  ``F.linear`` of the normalised ``x`` and ``W``, the margin applied in place under ``no_grad`` — a
+  straight-through gradient, as InsightFace's ``CombinedMarginLoss`` — then ``F.cross_entropy`` of
+  ``s·logits``).
 * ``insightface_compiled``: ``torch.compile`` (inductor, ``dynamic=True``) of the same function;
   compilation happens in the warm-up, outside the timed and measured step.
 * ``pml``: pytorch-metric-learning's ``ArcFaceLoss`` (margin 28.65° = 0.5 rad) / ``CosFaceLoss``
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
-from harness import Case, Provider, Shape  # noqa: E402
+from harness import Case, Provider, Shape, insightface_loss  # noqa: E402  (the peer: harness.py)
 
 OP = "margin_softmax"
 LOSSES = ("arcface", "cosface", "ce")
@@ -56,7 +57,7 @@ LOSS_KW = {  # fusedface keyword arguments of each configuration
 def _backend_available(name):
     def check(device):
         import fusedface
-        from fusedface._backends import _HOW
+        from fusedface.backends.registry import _HOW
         avail = fusedface.available_backends(device)
         if name in avail:
             return None
@@ -116,7 +117,7 @@ def default_providers(loss: str, device="cpu"):
     if loss == "arcface":
         return list(PROVIDERS)
     import torch as _torch
-    from fusedface._backends import resolve
+    from fusedface.backends import resolve
     auto = resolve("auto", _torch.device(device))[0]
     return [auto] + [p for p, v in PROVIDERS.items() if p not in FUSEDFACE and loss in v.losses]
 
@@ -134,22 +135,6 @@ def make_inputs(shape: Shape, seed: int = 0):
     y = torch.randint(0, shape.C, (shape.B,), generator=g, device=dev)
     x = F.normalize(W[y], dim=1) * 3.0 + (1.5 / math.sqrt(shape.D)) * torch.randn(shape.B, shape.D, generator=g, device=dev)
     return x.to(dt).requires_grad_(True), W.to(dt).requires_grad_(True), y
-
-
-def insightface_loss(x, W, y, s: float = 64.0, m2: float = 0.0, m3: float = 0.0):
-    """InsightFace's ``FC + CombinedMarginLoss + CrossEntropy`` on one device (arcface_torch):
-    normalised logits, the margin applied in place without gradient, ``s·logits``, cross-entropy."""
-    logits = F.linear(F.normalize(x), F.normalize(W)).clamp(-1, 1)
-    idx = torch.arange(x.shape[0], device=x.device)
-    with torch.no_grad():
-        if m2:
-            target = logits[idx, y]
-            logits.arccos_()
-            logits[idx, y] = target.arccos() + m2
-            logits.cos_()
-        if m3:
-            logits[idx, y] -= m3
-    return F.cross_entropy(logits.float() * s, y)
 
 
 _compiled = None

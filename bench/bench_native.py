@@ -12,22 +12,24 @@ step — forward + backward of an ArcFace loss (s = 64, m = 0.5), both gradients
                   two gradient GEMMs, like autocast training)
   native_bf16     bf16 only: the same with FUSEDFACE_NATIVE_PRECISION=bf16 (every tile GEMM a plain
                   bf16 GEMM with bf16 output, as torch.mm and a plain bf16 pipeline; fp32 epilogue)
-  native_kept     fusedface._native.margin_softmax_loss_kept_block: keeps the [C, B] block of
+  native_kept     fusedface.functional.margin_softmax_loss_kept_block: keeps the [C, B] block of
                   cosines between forward and backward (3 GEMMs), when it fits --block-budget
   torch           backend="torch" (the chunked plain-PyTorch engine)
-  insightface     the materialised baseline: normalise, ONE matmul, margin on the target column,
-                  F.cross_entropy (three matrix products and a dozen [B, C] passes); skipped where its
-                  measured peak memory, scaled to the shape, would not fit in the available RAM
-  mm4             the floor of a recomputing design: the four torch.mm products of the same shapes and
-                  dtype (x·Wᵀ, the recompute x·Wᵀ, dc·W, dcᵀ·x)
-  mm3             the floor of a design that keeps the block: x·Wᵀ, dc·W, dcᵀ·x
+  insightface     the materialised baseline (harness.materialised_arcface, logits in the input dtype):
+                  normalise, ONE matmul, margin on the target column, F.cross_entropy (three matrix
+                  products and a dozen [B, C] passes); skipped where its measured peak memory, scaled
+                  to the shape, would not fit in the available RAM
+  mm4             the floor of a recomputing design (harness.gemm_floor): the four torch.mm products of
+                  the same shapes and dtype (x·Wᵀ, the recompute x·Wᵀ, dc·W, dcᵀ·x)
+  mm3             the floor of a design that keeps the block (harness.gemm_floor): x·Wᵀ, dc·W, dcᵀ·x
   mm4_f32out      bf16 only: the four products as a design with fp32 cosines must run them on this
                   kind of CPU — the two cosine products bf16×bf16 with fp32 OUTPUT (fp32 copies of the
                   bf16 operands on oneDNN's bf16 units, exact), the two gradient products plain bf16.
                   torch.mm of bf16 writes bf16 cosines (2⁻⁹ relative), which a loss at s = 64 cannot use
 
-Providers are interleaved round-robin within each repetition and the minimum is reported (other
-jobs share the machine; the load average is recorded). The two slow baselines (torch, insightface) are
+Each timed call goes through bench/harness.py (``time_reps`` for the time, ``PeakMemory`` for the
+peak RSS growth). Providers are interleaved round-robin within each repetition and the minimum is
+reported (other jobs share the machine; the load average is recorded). The two slow baselines (torch, insightface) are
 timed three times; above C = 200,000 there is no warm-up step and they are timed once. Throughput is reported against the FLOP
 count of the four products, 4·2·B·C·D. Ratios: native/mm4 (acceptance: ≤ 1.25), native/torch and
 native/insightface (acceptance: < 1), native_kept/mm3 (the three-product floor), and the same three
@@ -47,47 +49,22 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
+import harness  # noqa: E402  (timing, peak RSS and the peers)
 import fusedface.functional as F_  # noqa: E402
-from fusedface import _native  # noqa: E402
+from fusedface import functional as FF  # noqa: E402
+from fusedface.backends import native  # noqa: E402
 
 S, M2 = 64.0, 0.5
 
 
 # ----------------------------------------------------------------------------------- providers
-
-def insightface_step(x, W, y):
-    """The materialised InsightFace-style ArcFace head (what the fused backends replace)."""
-    xn = F.normalize(x, dim=1)
-    wn = F.normalize(W, dim=1)
-    logits = (xn @ wn.t()).clamp(-1.0, 1.0)
-    rows = torch.arange(x.shape[0], device=x.device)
-    target = logits[rows, y]
-    with torch.no_grad():
-        bent = torch.cos(torch.acos(target.float()) + M2).to(logits.dtype)
-    logits = logits.index_put((rows, y), target + (bent - target).detach())  # margin on the target column
-    return F.cross_entropy(logits.float() * S, y)
-
-
-@contextlib.contextmanager
-def env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
 
 class Inputs:
     """One shape's inputs, shared by every provider (at a million classes W alone is 2 GB in fp32:
@@ -137,7 +114,7 @@ def setup(provider, inp: Inputs, block_budget):
             return f"{what} only changes bf16 inputs"
 
         def run():
-            with env(var, value):
+            with harness.env_vars(**{var: value}):
                 loss = F_.margin_softmax_loss(x, W, y, scale=S, m2=M2, backend="native")
                 torch.autograd.grad(loss, (x, W))
         return run
@@ -146,20 +123,14 @@ def setup(provider, inp: Inputs, block_budget):
         if need > block_budget:
             return (f"the [C, B] fp32 block needs {need / 2**20:.0f} MiB > --block-budget "
                     f"{block_budget / 2**20:.0f} MiB")
-        return loss_step(lambda: _native.margin_softmax_loss_kept_block(x, W, y, scale=S, m2=M2, budget=block_budget))
+        return loss_step(lambda: FF.margin_softmax_loss_kept_block(x, W, y, scale=S, m2=M2, budget=block_budget))
     if provider == "torch":
         return loss_step(lambda: F_.margin_softmax_loss(x, W, y, scale=S, m2=M2, backend="torch"))
     if provider == "insightface":
-        return loss_step(lambda: insightface_step(x, W, y))
+        return loss_step(lambda: harness.materialised_arcface(x, W, y, S, M2, fp32_logits=False))
     xd, Wd = x.detach(), W.detach()
     if provider == "mm4":
-        def run():
-            dc = inp.dc
-            torch.mm(xd, Wd.t())
-            torch.mm(xd, Wd.t())
-            torch.mm(dc, Wd)
-            torch.mm(dc.t(), xd)
-        return run
+        return harness.gemm_floor(x, W, lambda: inp.dc, products=4)
     if provider == "mm4_f32out":
         if dtype != torch.bfloat16:
             return "only defined for bf16 inputs"
@@ -174,12 +145,7 @@ def setup(provider, inp: Inputs, block_budget):
             torch.mm(dc.t(), xd)
         return run
     if provider == "mm3":
-        def run():
-            dc = inp.dc
-            torch.mm(xd, Wd.t())
-            torch.mm(dc, Wd)
-            torch.mm(dc.t(), xd)
-        return run
+        return harness.gemm_floor(x, W, lambda: inp.dc, products=3)
     raise ValueError(provider)
 
 
@@ -199,40 +165,11 @@ def mkldnn_fp32_precision(value):
 
 # ------------------------------------------------------------------------------------ measuring
 
-def _status_kib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def mem_available_bytes():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def timed(run):
-    """(seconds, peak RSS growth in MiB during the call)."""
-    ok = _reset_peak()
-    base = _status_kib("VmRSS")
-    t0 = time.perf_counter()
-    run()
-    dt = time.perf_counter() - t0
-    peak = (_status_kib("VmHWM") - base) / 1024 if ok else float("nan")
-    return dt, peak
+    """(seconds, peak RSS growth in MiB during the call; NaN where the peak cannot be reset)."""
+    with harness.PeakMemory("cpu", require_reset=False) as pm:
+        dt = harness.time_reps(run)[0]
+    return dt, (pm.delta / 2**20 if pm.reset else float("nan"))
 
 
 def bench_shape(B, C, D, dtype, reps, block_budget, providers, peak_hint):
@@ -243,7 +180,7 @@ def bench_shape(B, C, D, dtype, reps, block_budget, providers, peak_hint):
         if p == "insightface" and peak_hint.get(("insightface", D, str(dtype))) is not None:
             per_class = peak_hint[("insightface", D, str(dtype))]
             need = per_class * C * 2**20
-            avail = mem_available_bytes()
+            avail = harness.status_kib("MemAvailable", harness.MEMINFO) * 1024
             if need > 0.5 * avail:
                 out[p] = {"skipped": f"needs about {need / 2**30:.1f} GiB (measured peak at C=100,000 scaled to "
                                      f"C={C:,}) > 50% of the {avail / 2**30:.1f} GiB available"}
@@ -355,8 +292,8 @@ def main(argv=None):
 
     info = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"),
-        "native_build": _native.build_info(), "loadavg_start": os.getloadavg(),
+        "cpu": harness.cpu_model(),
+        "native_build": native.build_info(), "loadavg_start": os.getloadavg(),
         "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
     }
     print(f"fusedface native bench: torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "

@@ -7,34 +7,38 @@ Providers, at B = 512, D = 512:
 
 * ``cublas_floor``: the four ``torch.mm`` products a recomputing design must do — forward ``x·Wᵀ``,
   backward recompute ``x·Wᵀ``, ``dc·W`` and ``dcᵀ·x`` ([B, C] operand precomputed, not timed) — with
-  nothing else: the time no fused kernel of this design can beat by much. Forward alone: one product.
+  nothing else (``harness.gemm_floor``): the time no fused kernel of this design can beat by much.
+  Forward alone: one product.
 * ``triton``: ``F.margin_softmax_loss(..., backend="triton")`` + ``backward()`` (default: deterministic,
   ``dℓ/dc`` split hi + lo for fp32-grade gradients, fp32 dots as tf32x3); ``triton_fast``:
   ``FUSEDFACE_TRITON_FAST_GRAD=1``; ``triton_ieee`` / ``triton_tf32``: fp32 inputs with
   ``FUSEDFACE_TRITON_FP32_PRECISION=ieee`` / ``tf32``.
-* ``torch``: the chunked engine (``backend="torch"``).
-* ``materialised``: what InsightFace does — ``F.linear(F.normalize(x), F.normalize(W))`` (a [B, C]
-  matrix in the input dtype), ``.float()``, clamp, ``cos(acos(c) + m)`` on the target column,
-  ``F.cross_entropy`` — plus autograd.
+* ``torch``: the `torch` backend (``backend="torch"``).
+* ``materialised`` (``harness.materialised_arcface``): what InsightFace does —
+  ``F.linear(F.normalize(x), F.normalize(W))`` (a [B, C] matrix in the input dtype), ``.float()``,
+  clamp, ``cos(acos(c) + m)`` on the target column, ``F.cross_entropy`` — plus autograd.
 
-Times are medians of ``triton.testing.do_bench`` (CUDA events, gradients reset between runs); peak
-memory is ``torch.cuda.max_memory_allocated`` during one forward + backward minus what was allocated
-before it, minus the two gradients (``extra``), and including them (``peak``). ``--sweep`` times the gradient
-kernels alone at C = 10⁶ bf16 for a few launch configurations (every one compiles without spills,
-``bench/check_triton_compile.py``) and runs the 16-bit benchmarks with the fastest. A correctness check against the reference at a
-moderate shape runs first. Prints tables; ``--json`` writes every number.
+Times are medians of ``triton.testing.do_bench`` (``harness.median_ms``: CUDA events, gradients reset
+between runs); peak memory (``harness.measure_peak``) is ``torch.cuda.max_memory_allocated`` during one
+forward + backward minus what was allocated before it, minus the two gradients (``extra``), and
+including them (``peak``). ``--sweep`` times the gradient kernels alone at C = 10⁶ bf16 for a few
+launch configurations (every one compiles without spills, ``bench/check_triton_compile.py``) and runs
+the 16-bit benchmarks with the fastest. A correctness check against the reference at a moderate
+shape runs first. Prints tables; ``--json`` writes every number.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402  (timing, CUDA peak memory, the peers, environment switches)
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -47,53 +51,6 @@ def _inputs(B, D, C, dtype, seed=0, device="cuda"):
     x = (W[y].float() / W[y].float().norm(dim=1, keepdim=True) * 3.0
          + 0.15 * torch.randn(B, D, device=device, generator=g)).to(dtype)
     return x, W, y
-
-
-def materialised_arcface(x, W, y, s=64.0, m=0.5):
-    """InsightFace-style: normalise, one matmul, margin on the target column, cross-entropy."""
-    logits = F.linear(F.normalize(x), F.normalize(W)).float().clamp(-1, 1)
-    idx = torch.arange(x.shape[0], device=x.device)
-    target = logits[idx, y]
-    with torch.no_grad():
-        theta = torch.acos(target)
-    final = torch.cos(theta + m)
-    logits = logits.clone()
-    logits[idx, y] = target + (final - target).detach()  # InsightFace's straight-through of the margin
-    return F.cross_entropy(logits * s, y)
-
-
-@contextlib.contextmanager
-def _env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update({k: str(v) for k, v in kv.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _bench(fn, grads=(), rep=200):
-    from triton.testing import do_bench
-    return float(do_bench(fn, warmup=50, rep=rep, grad_to_none=list(grads), return_mode="median"))
-
-
-def _peak(fn, grads):
-    for t in grads:
-        t.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in grads if t.grad is not None)
-    for t in grads:
-        t.grad = None
-    return peak / 2**20, (peak - grad_bytes) / 2**20
 
 
 def check(B=512, D=512, C=50_000):
@@ -115,10 +72,10 @@ def check(B=512, D=512, C=50_000):
         plain = run("reference", x, W)
         got = run("triton", x, W)
         if dt == "bf16":
-            with _env(FUSEDFACE_TRITON_FAST_GRAD=1):
+            with harness.env_vars(FUSEDFACE_TRITON_FAST_GRAD=1):
                 fast = run("triton", x, W)
         else:
-            with _env(FUSEDFACE_TRITON_FP32_PRECISION="ieee"):
+            with harness.env_vars(FUSEDFACE_TRITON_FP32_PRECISION="ieee"):
                 fast = run("triton", x, W)
         rel = lambda a, t: float((a - t).abs().max() / t.abs().max())  # noqa: E731
         for i, name in enumerate(("loss", "dx", "dW")):
@@ -145,20 +102,14 @@ def bench_one(B, D, C, dt, providers):
     if "cublas_floor" in providers:
         xd, Wd = x.detach(), W.detach()
         dc = (torch.randn(B, C, device="cuda") * 1e-3).to(dtype)
-        fwd = lambda: torch.mm(xd, Wd.t())  # noqa: E731
-
-        def full():
-            torch.mm(xd, Wd.t())
-            torch.mm(xd, Wd.t())
-            torch.mm(dc, Wd)
-            torch.mm(dc.t(), xd)
-        add("cublas_floor", "forward", _bench(fwd))
-        add("cublas_floor", "fwd+bwd", _bench(full), note="4 GEMMs, no epilogue")
+        add("cublas_floor", "forward", harness.median_ms(harness.gemm_floor(xd, Wd, products=1), "cuda"))
+        add("cublas_floor", "fwd+bwd", harness.median_ms(harness.gemm_floor(xd, Wd, dc, products=4), "cuda"),
+            note="4 GEMMs, no epilogue")
         del dc
 
     def loss_fn(backend):
         if backend == "materialised":
-            return lambda: materialised_arcface(x, W, y)
+            return lambda: harness.materialised_arcface(x, W, y)
         return lambda: Fn.margin_softmax_loss(x, W, y, m2=0.5, backend=backend)
 
     for prov in providers:
@@ -170,11 +121,12 @@ def bench_one(B, D, C, dt, providers):
         backend = "triton" if prov.startswith("triton") else prov
         f = loss_fn(backend)
         try:
-            with _env(**env):
+            with harness.env_vars(**env):
                 with torch.no_grad():
-                    t_f = _bench(f)
-                t_fb = _bench(lambda: f().backward(), grads=(x, W))
-                peak, extra = _peak(lambda: f().backward(), (x, W))
+                    t_f = harness.median_ms(f, "cuda")
+                t_fb = harness.median_ms(lambda: f().backward(), "cuda", grads=(x, W))
+                mem = harness.measure_peak(lambda: f().backward(), "cuda", grads=(x, W))
+                peak, extra = mem["peak_mib"], mem["extra_mib"]
         except torch.OutOfMemoryError as exc:
             add(prov, "fwd+bwd", float("nan"), note=f"OOM: {str(exc)[:80]}")
             torch.cuda.empty_cache()
@@ -188,7 +140,7 @@ def bench_one(B, D, C, dt, providers):
 def kernel_breakdown(B, D, C, dt, configs=None):
     """Times of the three Triton kernels alone (plus their O(S·B) merges) at one shape; ``configs``
     maps kernel -> LaunchConfig to try instead of the defaults."""
-    from fusedface import _triton as T
+    from fusedface.backends import triton_tiles as T
     from fusedface._engine import margin_prologue
     from fusedface._options import MarginOptions
     x, W, y = _inputs(B, D, C, DT[dt])
@@ -199,9 +151,11 @@ def kernel_breakdown(B, D, C, dt, configs=None):
     dcy = -64.0 * gl
     out = {}
     with T.override(configs=configs or {}):
-        out["fwd"] = _bench(lambda: T._forward_impl(x, W, xinv, winv, y_lab, f, 64.0, 1.0, 0.0, 0))
-        out["dx"] = _bench(lambda: T._dx_impl(x, W, xinv, winv, y_lab, f, lse, gl, dcy, 64.0, 1.0, 0.0, 0))
-        out["dw"] = _bench(lambda: T._dw_impl(x, W, xinv, winv, y_lab, f, lse, gl, dcy, 64.0, 1.0, 0.0, 0))
+        out["fwd"] = harness.median_ms(lambda: T._forward_impl(x, W, xinv, winv, y_lab, f, 64.0, 1.0, 0.0, 0), "cuda")
+        out["dx"] = harness.median_ms(lambda: T._dx_impl(x, W, xinv, winv, y_lab, f, lse, gl, dcy, 64.0, 1.0, 0.0, 0),
+                                      "cuda")
+        out["dw"] = harness.median_ms(lambda: T._dw_impl(x, W, xinv, winv, y_lab, f, lse, gl, dcy, 64.0, 1.0, 0.0, 0),
+                                      "cuda")
     return out
 
 
@@ -242,7 +196,7 @@ SWEEP = {  # (block_m, block_n, block_k, block_d, num_warps, num_stages, residen
 
 def sweep(B, D, C, dt):
     """Times each candidate; returns the rows and the fastest config per kernel."""
-    from fusedface import _triton as T
+    from fusedface.backends import triton_tiles as T
     res, best = [], {}
     for kern, cands in SWEEP[dt].items():
         for c in cands:

@@ -50,7 +50,7 @@ def _cuobjdump() -> str:
 
 def _variants():
     """(kernel, config name, dtype, flags) for every shipped configuration."""
-    from fusedface import _triton as T
+    from fusedface.backends import triton_tiles as T
     out = []
     for (arch, kern, prec), cfg in sorted(T.CONFIGS.items()):
         if kern == "dw_fast":  # the dW config used with FUSEDFACE_TRITON_FAST_GRAD=1
@@ -87,10 +87,10 @@ STEP_KERNELS = ("step_fwd", "step_dw", "step_prologue", "step_merge", "step_redu
 
 
 def _step_variants():
-    """The training step's kernels (``fusedface/_triton_step.py``): the fused forward and dW in every
+    """The training step's kernels (``fusedface/backends/triton.py``): the fused forward and dW in every
     shipped configuration for bf16, fp16 and mixed (bf16 x, fp32 W), the opt-in hi + lo split, and
     the O(B·D) / epilogue kernels once per arch."""
-    from fusedface import _triton_step as TS
+    from fusedface.backends import triton as TS
     out = []
     for (arch, kern), cfg in sorted(TS.STEP_CONFIGS.items()):
         base = kern.split("_")[0]
@@ -111,7 +111,7 @@ def _step_variants():
             out.append((arch, "step_" + base, cfg, dt, flags))
             if base == "dw":  # the opt-in split runs on the same config
                 out.append((arch, "step_" + base, cfg, dt, dict(flags, SPLIT=1, tag="split")))
-    from fusedface._triton import LaunchConfig
+    from fusedface.backends.triton_tiles import LaunchConfig
     small = LaunchConfig(TS._row_block(512), 0, 0, 512, num_warps=TS.SMALL_WARPS, num_stages=1)
     for arch in ("sm80", "sm90"):
         for dt, wdt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")):
@@ -189,7 +189,7 @@ def compile_one(job):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fusedface._triton import _KERNELS
+    from fusedface.backends.triton_tiles import _KERNELS
     from fusedface.triton_kernels import margin_step
 
     step = kern in STEP_KERNELS

@@ -13,7 +13,7 @@ on CPU under the Triton interpreter, with the shipped GPU launch configurations 
   and ``loss.backward()`` through the public API. Ops that run only for CPU tensors (the label range
   check, which on CUDA runs only when ``fusedface.set_input_checks(True)``) are listed apart.
 
-The path ``auto`` picks depends on C (``fusedface._triton_step.FUSED_MIN_CLASSES``); ``--path`` forces
+The path ``auto`` picks depends on C (``fusedface.backends.triton.FUSED_MIN_CLASSES``); ``--path`` forces
 one. The interpreter is slow (B = D = 512, C = 2,048 takes a few minutes per dtype): the counts do not
 depend on C beyond tile rounding, so a small C gives the same GEMM-equivalents as 10⁶.
 """
@@ -108,7 +108,7 @@ def dot_counter():
 
 def forced_configs(arch: str):
     """The shipped GPU configurations of the step kernels, forced under the interpreter."""
-    from fusedface import _triton_step as TS
+    from fusedface.backends import triton as TS
     return dict(fwd=TS.STEP_CONFIGS[(arch, "fwd")], dw=TS.STEP_CONFIGS[(arch, "dw")], epi=TS.EPI, epi_bwd=TS.EPI_BWD)
 
 
@@ -116,7 +116,7 @@ def count(B: int, D: int, C: int, dtype: str, arch: str = "sm90", path: str | No
           seed: int = 0) -> dict:
     """One forward + backward through the public API; returns the counts."""
     import fusedface.functional as F_
-    from fusedface import _triton_step as TS
+    from fusedface.backends import triton as TS
 
     g = torch.Generator().manual_seed(seed)
     xd, wd = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float16, torch.float16),

@@ -253,9 +253,8 @@ class Ctx:
         self._compiled = None
 
     def sync(self):
-        import torch
-        if self.cuda:
-            torch.cuda.synchronize()
+        import harness
+        harness.sync(self.device)
 
     def inputs(self, C, dt, seed=0):
         """``(x, W, y)`` of ``bench_triton_gpu._inputs``; mixed: x bf16 and W fp32 from the fp32 draw.
@@ -273,25 +272,19 @@ class Ctx:
         return x, W, y
 
     def time_ms(self, fn, grads=()):
-        """Median ms: ``triton.testing.do_bench`` on CUDA; ``perf_counter`` repetitions on CPU."""
-        if self.cuda:
-            from bench_triton_gpu import _bench
-            return _bench(fn, grads)
-        times = []
-        for _ in range(self.args.cpu_reps):
-            for t in grads:
-                t.grad = None
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        """Median ms (``harness.median_ms``): ``triton.testing.do_bench`` on CUDA; ``--cpu-reps``
+        ``perf_counter`` repetitions on CPU."""
+        import harness
+        return harness.median_ms(fn, self.device, grads=grads, reps=self.args.cpu_reps)
 
     def peak_mib(self, fn, grads):
-        """``(peak, extra)`` MiB of one call (CUDA allocator), or ``(None, None)`` on CPU."""
+        """``(peak, extra)`` MiB of one call (CUDA allocator, ``harness.measure_peak``), or
+        ``(None, None)`` on CPU."""
         if not self.cuda:
             return None, None
-        from bench_triton_gpu import _peak
-        return _peak(fn, grads)
+        import harness
+        m = harness.measure_peak(fn, self.device, grads)
+        return m["peak_mib"], m["extra_mib"]
 
     def autocast(self):
         import torch
@@ -300,8 +293,9 @@ class Ctx:
     def compiled_head(self):
         if self._compiled is None:
             import torch
-            from bench_triton_gpu import materialised_arcface
-            self._compiled = torch.compile(materialised_arcface, dynamic=False, backend=self.args.compile_backend)
+            import harness
+            self._compiled = torch.compile(harness.materialised_arcface, dynamic=False,
+                                           backend=self.args.compile_backend)
         return self._compiled
 
     def check(self, stage, name, value, limit, ok, detail):
@@ -313,8 +307,8 @@ class Ctx:
 
 @contextlib.contextmanager
 def fusedface_env(provider):
-    from bench_triton_gpu import _env
-    with _env(**FUSEDFACE_ENV[provider]):
+    import harness
+    with harness.env_vars(**FUSEDFACE_ENV[provider]):
         yield
 
 
@@ -451,16 +445,12 @@ def timing_plan(Cs, smoke=False):
 def measure_floor(ctx, x, W):
     """The 1-GEMM forward and the 4-GEMM step of a recomputing design, nothing else."""
     import torch
-    xd, Wd = x.detach(), W.detach()
-    dc = (torch.randn(xd.shape[0], Wd.shape[0], device=ctx.device) * 1e-3).to(Wd.dtype)
 
-    def four():
-        torch.mm(xd, Wd.t())
-        torch.mm(xd, Wd.t())
-        torch.mm(dc, Wd)
-        torch.mm(dc.t(), xd)
+    import harness
+    dc = (torch.randn(x.shape[0], W.shape[0], device=ctx.device) * 1e-3).to(W.dtype)
+    four = harness.gemm_floor(x, W, dc, products=4)
     four()  # warm-up (cuBLAS handles, workspaces)
-    out = {"fwd_ms": ctx.time_ms(lambda: torch.mm(xd, Wd.t())), "ms": ctx.time_ms(four),
+    out = {"fwd_ms": ctx.time_ms(harness.gemm_floor(x, W, products=1)), "ms": ctx.time_ms(four),
            "note": "4 GEMMs: x·Wᵀ, recompute x·Wᵀ, dc·W, dcᵀ·x ([B, C] dc precomputed); fwd: 1 GEMM"}
     if ctx.cuda:
         out["fp32_tf32_allowed"] = bool(torch.backends.cuda.matmul.allow_tf32)
@@ -472,7 +462,8 @@ def measure_floor(ctx, x, W):
 def measure_loss_provider(ctx, provider, x, W, y):
     """Forward ms, forward + backward ms, extra memory and the loss value of one provider."""
     import torch
-    from bench_triton_gpu import _env, materialised_arcface
+
+    import harness
     x.requires_grad_(True)
     W.requires_grad_(True)
     fwd_timed = True
@@ -481,11 +472,11 @@ def measure_loss_provider(ctx, provider, x, W, y):
         f = lambda: fusedface_loss(x, W, y)  # noqa: E731
         fwd_timed = ctx.cuda  # smoke: an interpreted forward costs ~0.5 s and times nothing real
     elif provider == "materialised":
-        env, f = {}, (lambda: materialised_arcface(x, W, y, s=SCALE, m=M2))
+        env, f = {}, (lambda: harness.materialised_arcface(x, W, y, s=SCALE, m=M2))
     elif provider == "materialised_autocast":
         def f():
             with ctx.autocast():
-                return materialised_arcface(x, W, y, s=SCALE, m=M2)
+                return harness.materialised_arcface(x, W, y, s=SCALE, m=M2)
         env = {}
     elif provider == "materialised_compiled":
         head = ctx.compiled_head()
@@ -500,7 +491,7 @@ def measure_loss_provider(ctx, provider, x, W, y):
         loss.backward()
         last[:] = [loss.detach()]
 
-    with _env(**env):
+    with harness.env_vars(**env):
         if ctx.cuda:  # on CPU (smoke) the timed repetition is the first call: interpreted steps are slow
             t = time.monotonic()
             step()  # warm-up: compiles the kernels (or the graph)
@@ -688,18 +679,9 @@ def stage_graph_step(ctx, st):
 
 
 def loop_ms(fn, n=50, repeats=5):
-    import torch
-    out = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) / n)
-    return statistics.median(out)
+    """ms per call: ``n`` calls between two CUDA events (``harness.time_reps``), median of ``repeats``."""
+    import harness
+    return statistics.median(harness.time_reps(fn, "cuda", number=n, min_reps=repeats, max_reps=repeats)) * 1e3
 
 
 # ----------------------------------------------------------------------------- stage 5: GPU tests

@@ -1,5 +1,23 @@
-"""Shared machinery of the benchmark scripts: grids, timing, peak memory in a fresh process, the
-machine's GEMM rate and description.
+"""The one harness of the benchmark scripts: grids and points, timing, peak memory, the peers
+(baselines), the machine's GEMM rate and description. Every script in bench/ that times something or
+measures memory does it through this module; none has a helper of its own.
+
+* **Timing**: :func:`time_reps` is the one timing loop (optional untimed warm-up calls, an untimed
+  ``prepare()`` before each repetition, ``number`` calls between two clock readings — CPU:
+  ``time.perf_counter``; CUDA: events after a synchronise — repeated until ``min_reps`` and
+  ``target_s`` of timed work or ``max_reps``). :func:`median_ms` is the median in ms of a call
+  with gradients reset before each: ``triton.testing.do_bench`` on CUDA, :func:`time_reps` elsewhere.
+* **Memory**: :func:`status_kib` is the one reader of ``/proc/self/status`` (``VmRSS``, ``VmHWM``;
+  and of ``/proc/meminfo``): it raises when the field is missing, never returns 0.
+  :class:`PeakMemory` is the one peak measurement (CPU: ``VmHWM`` reset through
+  ``/proc/self/clear_refs`` by :func:`reset_peak_rss`, against ``VmRSS`` at the start; CUDA:
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, against
+  ``memory_allocated`` at the start); :func:`measure_peak` runs one call under it and counts the
+  gradients it allocates apart.
+* **Peers**: :func:`insightface_loss` (InsightFace's head as arcface_torch writes it),
+  :func:`materialised_arcface` (the margin on the target column only) and :func:`gemm_floor`
+  (the bare matrix products of a fused design).
+* :func:`env_vars` sets environment switches for a block.
 
 Each op script (``bench_margin_softmax.py``, ``bench_npt.py``) defines
 
@@ -11,12 +29,12 @@ Each op script (``bench_margin_softmax.py``, ``bench_npt.py``) defines
 
 Every point runs in its own fresh subprocess (``python bench/harness.py --worker '<json>'``):
 a warm-up on a tiny problem, then ONE step at the real size whose peak memory is measured with
-``bench/memory.py``'s method (CPU: peak RSS ``VmHWM`` reset through ``/proc/self/clear_refs``;
-CUDA: ``torch.cuda.max_memory_allocated``), then the timed repetitions. A peer that runs out of
+:func:`measure_peak`, then the timed repetitions (:func:`time_reps`). A peer that runs out of
 memory kills only its worker, and the point is reported as such.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -29,14 +47,13 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH_DIR)
 for _p in (BENCH_DIR, ROOT):
     if _p not in sys.path:
         sys.path.insert(0, _p)
-
-import memory as _memory  # noqa: E402  (bench/memory.py: the peak-RSS method)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("forward", "backward", "full")
@@ -182,11 +199,69 @@ def estimate_bytes(provider: Provider, shape: Shape) -> float:
     return provider.bc_matrices * shape.B * shape.C * 4 + (0 if provider.fused else shape.C * shape.D * 4)
 
 
-# ----------------------------------------------------------------------------- timing and memory
+# ----------------------------------------------------------------------------- timing
 
-def _sync(device: str):
-    if device.startswith("cuda"):
+def sync(device) -> None:
+    """Waits for the device's queued work (CUDA); nothing elsewhere."""
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def time_reps(fn, device="cpu", *, prepare=None, number=1, warmup=0, min_reps=1, max_reps=1,
+              target_s=0.0) -> list:
+    """Seconds per call of ``fn``, one entry per repetition: the one timing loop of bench/.
+
+    ``warmup`` untimed calls first. Each repetition: ``state = prepare()`` (untimed: resetting
+    gradients, the forward of a backward-only step …), then ``number`` calls of ``fn(state)`` —
+    ``fn()`` when there is no ``prepare`` — between two clock readings, divided by ``number``.
+    CPU: ``time.perf_counter``; CUDA: two events after a synchronise, read after another one.
+    Repeats until ``min_reps`` are done and either ``target_s`` seconds of timed work or
+    ``max_reps`` repetitions (``max_reps`` wins over ``min_reps``). The caller reduces the list
+    (median, minimum …)."""
+    cuda = str(device).startswith("cuda")
+
+    def call(state):
+        return fn(state) if prepare is not None else fn()
+
+    for _ in range(warmup):
+        call(prepare() if prepare is not None else None)
+    sync(device)
+    out = []
+    while len(out) < max_reps and (len(out) < min_reps or sum(out) < target_s):
+        state = prepare() if prepare is not None else None
+        r = None
+        if cuda:
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(number):
+                r = call(state)
+            b.record()
+            torch.cuda.synchronize()
+            out.append(a.elapsed_time(b) / 1e3 / number)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(number):
+                r = call(state)
+            out.append((time.perf_counter() - t0) / number)
+        del r, state
+    return out
+
+
+def median_ms(fn, device="cpu", *, grads=(), reps=1) -> float:
+    """Median milliseconds of ``fn()``, the ``.grad`` of every tensor in ``grads`` set to None
+    before each call (untimed). CUDA: ``triton.testing.do_bench`` (50 ms of warm-up, 200 ms of
+    repetitions, the L2 cache flushed before each call, CUDA events); elsewhere ``reps``
+    repetitions of :func:`time_reps`."""
+    if str(device).startswith("cuda"):
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=50, rep=200, grad_to_none=list(grads), return_mode="median"))
+
+    def prepare():
+        for t in grads:
+            t.grad = None
+
+    return statistics.median(time_reps(lambda _: fn(), device, prepare=prepare, min_reps=reps, max_reps=reps)) * 1e3
 
 
 def step_fn(case: Case, mode: str, device: str):
@@ -203,7 +278,7 @@ def step_fn(case: Case, mode: str, device: str):
         def prepare():
             case.zero_grad()
             loss = case.forward()
-            _sync(device)
+            sync(device)
             return loss
 
         def timed(loss):
@@ -219,54 +294,198 @@ def step_fn(case: Case, mode: str, device: str):
 
 
 def time_case(case: Case, mode: str, device: str, *, min_reps=1, max_reps=10, target_s=2.0) -> list:
-    """Wall-clock seconds of each repetition (CPU: ``perf_counter``; CUDA: events around the timed
-    part, after a synchronise). Repeats until ``target_s`` of timed work or ``max_reps``."""
+    """Seconds of each repetition of one step (:func:`time_reps` with the step's ``prepare``):
+    repeats until ``target_s`` of timed work or ``max_reps``."""
     prepare, timed = step_fn(case, mode, device)
-    out = []
-    while len(out) < max_reps and (len(out) < min_reps or sum(out) < target_s):
-        state = prepare()
-        if device.startswith("cuda"):
+    return time_reps(timed, device, prepare=prepare, min_reps=min_reps, max_reps=max_reps, target_s=target_s)
+
+
+# ----------------------------------------------------------------------------- memory
+
+STATUS = "/proc/self/status"
+MEMINFO = "/proc/meminfo"
+
+
+def status_kib(key: str, path: str = STATUS) -> int:
+    """Field ``key`` of ``/proc/self/status`` in KiB (``VmRSS``: resident set size now; ``VmHWM``:
+    its peak), or of another file in that format (``path=MEMINFO``: ``MemAvailable`` …). The one
+    reader of these files in bench/: raises ``RuntimeError`` when the file cannot be read or has
+    no such field (a missing field never reads as 0)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, sep, rest = line.partition(":")
+                if sep and name.strip() == key:
+                    return int(rest.split()[0])
+    except OSError as exc:
+        raise RuntimeError(f"cannot read {path} ({exc}): memory is measured through Linux's /proc") from exc
+    raise RuntimeError(f"{key!r} is not a field of {path}: this kernel does not report it, "
+                       "so the memory measurement that needs it cannot run here")
+
+
+def reset_peak_rss() -> bool:
+    """Resets this process's peak RSS (``VmHWM``) to its current RSS by writing ``5`` to
+    ``/proc/self/clear_refs`` (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as pm: ...``: the peak memory of the block beyond what was in use
+    when it started — the one peak-memory measurement of bench/.
+
+    CPU: the peak resident set size (``VmHWM``, reset on entry through ``/proc/self/clear_refs``)
+    against the resident size (``VmRSS``) read just after the reset. CUDA:
+    ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, against
+    ``memory_allocated`` at entry, synchronised on both sides.
+
+    After the block: ``base`` and ``peak`` (bytes), ``delta = peak - base``, ``method`` (a label for
+    reports) and ``reset``: False only on CPU when ``clear_refs`` cannot be written, where ``peak``
+    is then the process's lifetime high-water mark. With ``require_reset=True`` (the default) that
+    case raises instead."""
+
+    def __init__(self, device="cpu", *, require_reset: bool = True):
+        self.cuda = str(device).startswith("cuda")
+        self.require_reset = require_reset
+        self.base = self.peak = self.delta = None
+        self.reset = False
+        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "peak RSS (VmHWM)"
+
+    def __enter__(self):
+        if self.cuda:
             torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            r = timed(state)
-            b.record()
-            torch.cuda.synchronize()
-            out.append(a.elapsed_time(b) / 1e3)
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            self.reset = True
         else:
-            t0 = time.perf_counter()
-            r = timed(state)
-            out.append(time.perf_counter() - t0)
-        del r, state
-    return out
+            self.reset = reset_peak_rss()
+            if not self.reset and self.require_reset:
+                raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): run on Linux")
+            self.base = status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            if self.cuda:
+                torch.cuda.synchronize()
+                self.peak = torch.cuda.max_memory_allocated()
+            else:
+                self.peak = status_kib("VmHWM") * 1024
+            self.delta = self.peak - self.base
+        return False
+
+
+def measure_peak(fn, device="cpu", grads=()) -> dict:
+    """Peak memory of one call ``fn()`` (:class:`PeakMemory`), the gradients it gives the tensors
+    in ``grads`` counted apart: their ``.grad`` is set to None before the call and again after.
+    MiB, unrounded: ``peak_mib`` (beyond what was in use before the call), ``grads_mib`` (the
+    gradients' bytes), ``extra_mib`` (``peak_mib - grads_mib``: what an implementation needs beyond
+    dL/dx and dL/dW, which every one allocates), and ``memory_method``."""
+    for t in grads:
+        t.grad = None
+    with PeakMemory(device) as pm:
+        r = fn()
+    del r
+    grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in grads if t.grad is not None)
+    for t in grads:
+        t.grad = None
+    return {"peak_mib": pm.delta / 2**20, "extra_mib": (pm.delta - grad_bytes) / 2**20,
+            "grads_mib": grad_bytes / 2**20, "memory_method": pm.method}
 
 
 def measure_step_memory(case: Case, mode: str, device: str) -> dict:
-    """Peak memory of one step beyond what was allocated before it (inputs, module state), minus
-    the gradients that autograd allocates (as ``bench/memory.py``)."""
+    """Peak memory of one step (:func:`measure_peak`; for ``backward`` the forward is inside the
+    measured window), rounded to 0.1 MiB."""
     prepare, timed = step_fn(case, mode, device)
-    grads = sum(p.numel() * p.element_size() for p in case.params) if mode != "forward" else 0
-    if device.startswith("cuda"):
-        case.zero_grad()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        r = timed(prepare())
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        case.zero_grad()
-        if not _memory._reset_peak():
-            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): run on Linux")
-        base = _memory._status_kib("VmRSS") * 1024
-        r = timed(prepare())
-        peak = _memory._status_kib("VmHWM") * 1024
-        method = "peak RSS (VmHWM)"
-    del r
-    return {"peak_mib": round((peak - base) / 2**20, 1), "extra_mib": round((peak - base - grads) / 2**20, 1),
-            "grads_mib": round(grads / 2**20, 1), "memory_method": method}
+    m = measure_peak(lambda: timed(prepare()), device, case.params)
+    return {"peak_mib": round(m["peak_mib"], 1), "extra_mib": round(m["extra_mib"], 1),
+            "grads_mib": round(m["grads_mib"], 1), "memory_method": m["memory_method"]}
 
+
+# ----------------------------------------------------------------------------- peers
+
+def insightface_loss(x, W, y, s: float = 64.0, m2: float = 0.0, m3: float = 0.0):
+    """InsightFace's ``FC + CombinedMarginLoss + CrossEntropy`` on one device (arcface_torch):
+    normalised logits, the margin applied in place without gradient (``arccos_`` / ``cos_`` of the
+    whole matrix, a straight-through gradient), ``s·logits``, cross-entropy. The ``insightface``
+    and ``insightface_compiled`` providers of bench_margin_softmax.py."""
+    logits = F.linear(F.normalize(x), F.normalize(W)).clamp(-1, 1)
+    idx = torch.arange(x.shape[0], device=x.device)
+    with torch.no_grad():
+        if m2:
+            target = logits[idx, y]
+            logits.arccos_()
+            logits[idx, y] = target.arccos() + m2
+            logits.cos_()
+        if m3:
+            logits[idx, y] -= m3
+    return F.cross_entropy(logits.float() * s, y)
+
+
+def materialised_arcface(x, W, y, s: float = 64.0, m: float = 0.5, *, fp32_logits: bool = True):
+    """The materialised ArcFace head with the margin on the target column only: normalise, ONE
+    matmul (a ``[B, C]`` matrix in the input dtype; ``fp32_logits``: then converted to fp32, as
+    InsightFace does under fp16), clamp, ``cos(acos(c) + m)`` of the target cosine (fp32, without
+    gradient: InsightFace's straight-through), written into a copy of the logits, ``F.cross_entropy``
+    of ``s·logits`` in fp32. The ``insightface`` provider of bench_native.py (``fp32_logits=False``)
+    and the ``materialised`` baselines of bench_triton_gpu.py and device_check.py."""
+    logits = F.linear(F.normalize(x), F.normalize(W))
+    if fp32_logits:
+        logits = logits.float()
+    logits = logits.clamp(-1, 1)
+    idx = torch.arange(x.shape[0], device=x.device)
+    target = logits[idx, y]
+    with torch.no_grad():
+        bent = torch.cos(torch.acos(target.float()) + m).to(logits.dtype)
+    logits = logits.index_put((idx, y), target + (bent - target).detach())
+    return F.cross_entropy(logits.float() * s, y)
+
+
+def gemm_floor(x, W, dc=None, products: int = 4):
+    """A zero-argument callable running only the matrix products of a fused design, on detached
+    operands: the time no kernel of that design can beat by much. ``products``: 1 — the forward
+    ``x·Wᵀ``; 3 — a design that keeps the ``[B, C]`` block: ``x·Wᵀ``, ``dc·W``, ``dcᵀ·x``; 4 — a
+    recomputing design: ``x·Wᵀ``, the recompute ``x·Wᵀ``, ``dc·W``, ``dcᵀ·x``. ``dc``: the ``[B, C]``
+    gradient operand, or a zero-argument callable giving it (made on first use)."""
+    if products not in (1, 3, 4):
+        raise ValueError(f"products must be 1, 3 or 4, not {products}")
+    xd, Wd = x.detach(), W.detach()
+    get_dc = dc if callable(dc) else (lambda: dc)
+
+    def run():
+        if products == 1:
+            return torch.mm(xd, Wd.t())
+        d = get_dc()
+        for _ in range(products - 2):
+            torch.mm(xd, Wd.t())
+        torch.mm(d, Wd)
+        torch.mm(d.t(), xd)
+    return run
+
+
+# ----------------------------------------------------------------------------- environment switches
+
+@contextlib.contextmanager
+def env_vars(**kv):
+    """Sets the environment variables ``kv`` (values as ``str``) for the block and restores them
+    (unset ones are removed again) afterwards."""
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update({k: str(v) for k, v in kv.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ----------------------------------------------------------------------------- fresh-process worker
 
 def load_op(op: str):
     return importlib.import_module(f"bench_{op}")
@@ -285,7 +504,7 @@ def worker(spec: dict) -> dict:
     timed(prepare())
     del warm, prepare, timed
     case = mod.setup(spec["provider"], sh)
-    _sync(sh.device)
+    sync(sh.device)
     mem = measure_step_memory(case, sh.mode, sh.device)   # the first full-size step, also a warm-up
     times = time_case(case, sh.mode, sh.device, min_reps=spec.get("min_reps", 1),
                       max_reps=spec.get("max_reps", 10), target_s=spec.get("target_s", 2.0))
@@ -349,7 +568,7 @@ def pytest_point(benchmark, mod, point, options: dict) -> None:
 
     def timed_sync(state):
         timed(state)
-        _sync(shape.device)
+        sync(shape.device)
 
     if not disabled:
         timed_sync(prepare())  # warm-up (and, for torch.compile, compilation)
@@ -378,14 +597,7 @@ def gemm_rate(dtype: torch.dtype, device: str, n: int | None = None, target_s: f
     n = n or (8192 if device.startswith("cuda") else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)
-    _sync(device)
-    ts = []
-    while len(ts) < 3 or (sum(ts) < target_s and len(ts) < 100):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
+    ts = time_reps(lambda: torch.mm(a, b), device, warmup=1, min_reps=3, max_reps=100, target_s=target_s)
     return 2.0 * n ** 3 / min(ts)
 
 
@@ -416,7 +628,7 @@ def machine_info(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     try:
-        import fusedface._native as nat
+        import fusedface.backends.native as nat
         info["native_build"] = nat.build_info()
     except Exception:  # not built here: available_backends says so
         pass

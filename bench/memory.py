@@ -3,10 +3,11 @@
     python bench/memory.py --backend torch --B 256 --D 128 --C 400000 [--dtype float32] [--json]
 
 A warm-up step on a small problem comes first, so library code paged in by the first call is not
-counted. CPU: the peak resident set size (VmHWM, reset through /proc/self/clear_refs after the inputs are
-allocated and touched) minus the resident size at that moment, minus the bytes of dL/dx and dL/dW
-(which autograd allocates). CUDA (``--device cuda``): ``torch.cuda.max_memory_allocated`` on the same
-terms. Prints one line; ``--json`` prints a JSON object instead.
+counted. The measurement is the harness's (``bench/harness.py``: ``measure_peak``): CPU: the peak
+resident set size (VmHWM, reset through /proc/self/clear_refs after the inputs are allocated and
+touched) minus the resident size at that moment, minus the bytes of dL/dx and dL/dW (which autograd
+allocates). CUDA (``--device cuda``): ``torch.cuda.max_memory_allocated`` on the same terms. Prints
+one line; ``--json`` prints a JSON object instead.
 """
 from __future__ import annotations
 
@@ -18,23 +19,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+import harness  # noqa: E402
 
 
 def measure(backend: str, B: int, D: int, C: int, dtype: torch.dtype, device: str, loss: str = "arcface") -> dict:
@@ -64,22 +51,8 @@ def measure(backend: str, B: int, D: int, C: int, dtype: torch.dtype, device: st
         F_.margin_softmax_loss(xs, Ws, ys, m2=0.5, backend=backend).backward()
     del xs, Ws, ys
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        if not _reset_peak():
-            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): run on Linux")
-        base = _status_kib("VmRSS") * 1024
-        step()
-        peak = _status_kib("VmHWM") * 1024
-        method = "peak RSS (VmHWM)"
-    extra = (peak - base - grads_bytes) / 2**20
+    m = harness.measure_peak(step, device, grads=(x, W))
+    extra, method = m["extra_mib"], m["memory_method"]
     return {"backend": backend, "loss": loss, "B": B, "D": D, "C": C, "dtype": str(dtype).replace("torch.", ""),
             "device": device, "extra_mib": round(extra, 1), "inputs_mib": round(grads_bytes / 2**20, 1),
             "bc_matrix_mib": round(B * C * 4 / 2**20, 1), "method": method}

@@ -123,7 +123,7 @@ def _group_name(key):
 def baseline_backend(device: str) -> str:
     """The backend ``backend="auto"`` picks for this device: the 'fusedface' of the ratios."""
     import torch
-    from fusedface._backends import resolve
+    from fusedface.backends import resolve
     return resolve("auto", torch.device(device))[0]
 
 

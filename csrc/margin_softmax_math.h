@@ -60,7 +60,7 @@ FF_HD double ff_log(double v) {
 #endif
 }
 
-// r = (x·w)·xinv·winv, in this order (the order of the chunked engine).
+// r = (x·w)·xinv·winv, in this order (the order of the `torch` backend).
 template <typename T>
 FF_HD T raw_cosine(T dot, T xinv, T winv) {
   return dot * xinv * winv;

@@ -2,10 +2,10 @@
 // the Python module `fusedface._C` itself (importing it loads the library and its registrations).
 //
 // Ops (namespace `fusedface`, prefix `native_` so they never collide with the Triton backend's
-// `fusedface::margin_forward` & co., registered from Python by fusedface/_triton.py):
+// `fusedface::margin_forward` & co., registered from Python by fusedface/backends/triton_tiles.py):
 //   native_margin_forward, native_margin_backward, native_npt_forward
 // CPU kernels: margin_softmax_cpu.cpp. CUDA kernels (CUDA builds only): margin_softmax_cuda.cpp.
-// Fake (shape-only) kernels for torch.compile: fusedface/_native.py (torch.library.register_fake).
+// Fake (shape-only) kernels for torch.compile: fusedface/backends/native.py (torch.library.register_fake).
 // Integer flags rather than bools, as torch.compile prefers.
 #include <Python.h>
 #include <torch/library.h>
@@ -88,7 +88,7 @@ PyMethodDef methods[] = {
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                           "fusedface native backend: registers the fusedface::native_* ops with the dispatcher "
-                          "(CPU kernels; CUDA kernels when built so). Use it through fusedface._native.",
+                          "(CPU kernels; CUDA kernels when built so). Use it through fusedface.backends.native.",
                           -1, methods};
 
 }  // namespace

@@ -1,16 +1,25 @@
 """The fused algorithm of SPEC §6, independent of the backend that runs the class tiles.
 
-Every fused backend (``torch``, ``native``, ``triton``) plugs three tile kernels into the same
-two ``autograd.Function`` s defined here:
+Layers of one op, top to bottom (``docs/engine.md``): the public API (:mod:`fusedface.functional`,
+the heads) checks the inputs and calls :func:`margin_softmax` / :func:`npt_rows` here, which resolve
+the backend once (:mod:`fusedface.backends`) and call the registered op
+(``fusedface::margin_softmax_fwd`` …) — or the backend's own whole step where it has one that
+applies (the Triton step). The op runs the prologue below, then the backend's tile kernels; its
+registered autograd formula is the only backward route of the op. The sharded heads
+(:mod:`fusedface.distributed`) reuse the prologue, the kernels and the epilogues around their own
+communication.
 
-``margin_forward(x, W, xinv, winv, y, f, opts, tile) -> (lse [B] f32/f64, pred [B] i64, sv [B] i32)``
+Every fused backend (``torch``, ``native``, ``triton``) plugs three tile kernels into it:
+
+``margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False) -> (lse [B] f32/f64, pred [B] i64, sv [B] i32, block)``
     One pass over class tiles. Per tile: ``c = clamp((x·Wᵀ)·xinv·winv, -1, 1)``; columns with
     ``c > f_b`` other than the label are support vectors (rewritten to ``a·c + b``); the label
     column's logit is ``s·f_b``; fold ``z = s·g`` into an online log-sum-exp. ``pred`` is the
     arg-max of ``c`` (training accuracy), ``sv`` the support-vector count. ``y`` is ``-1`` on
-    ignored rows (no label column).
+    ignored rows (no label column). ``block``: the ``[C, B]`` cosines kept for the backward when
+    ``keep_block`` (backends with ``KEEPS_BLOCK``), else None.
 
-``margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW) -> (Gx, dW)``
+``margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None) -> (Gx, dW)``
     Recomputes each tile. ``dℓ/dc_bk = s·exp(z_bk − lse_b)·gl_b·slope_bk`` for negatives
     (``slope`` is ``a`` on support vectors, 1 elsewhere, 0 where the raw cosine was clamped) and
     ``dcy_b`` on the label column. Returns ``Gx = Σ_k dℓ/dc_bk·ŵ_k`` ([B, D], accumulation dtype)
@@ -29,8 +38,11 @@ import math
 
 import torch
 
+from typing import Optional
+
+from . import backends
+from ._numerics import EPS_SIN2, compute_dtype, inverse_norms, reduce_rows, row_margin
 from ._options import MarginOptions, NPTOptions
-from .reference import EPS_NORM, EPS_SIN2, compute_dtype, row_margin
 
 DEFAULT_TILE_BUDGET = 32 * 2**20  # bytes of tile temporaries per call, independent of C
 
@@ -46,11 +58,6 @@ def choose_tile(B: int, D: int, C: int, budget: int | None = None, tile: int | N
     per_class = 8 * 4 * B + 3 * 4 * D
     t = max(64, (budget // per_class) // 64 * 64)
     return min(t, C)
-
-
-def inverse_norms(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``1 / max(‖row‖, 1e-12)`` per row, in ``dtype`` (O(rows), no copy of the matrix kept)."""
-    return 1.0 / torch.linalg.vector_norm(t, dim=1, dtype=dtype).clamp(min=EPS_NORM)
 
 
 def target_transform(raw_y, opts: MarginOptions, m2, m3):
@@ -96,63 +103,43 @@ def target_column_grad(opts: MarginOptions, f, lse, gl, slope):
     return opts.scale * (torch.exp(opts.scale * f - lse) - 1.0) * gl * slope
 
 
-def margin_forward_rows(x, W, y, m2, m3, opts: MarginOptions, kernels, tile: int):
+def margin_forward_rows(x, W, y, m2, m3, opts: MarginOptions, kernels, tile: int, keep_block: bool = False):
     """The forward of the fused margin softmax: prologue, one kernel pass, per-row losses.
 
-    Returns ``(rows, pred, sv, saved)`` with ``saved = (x, W, y_lab, xinv, winv, f, slope, lse, valid)``
-    (``x`` and ``W`` contiguous): everything :func:`margin_backward_grads` needs."""
+    Returns ``(rows, pred, sv, saved, block)`` with ``saved = (x, W, y_lab, xinv, winv, f, slope, lse,
+    valid)`` (``x`` and ``W`` contiguous): everything :func:`margin_backward_grads` needs, and the
+    kernels' kept block (None unless ``keep_block``)."""
     cdt = compute_dtype(x, W)
     x = x.contiguous()
     W = W.contiguous()
     valid, y_lab, xinv, winv, c_y, f, slope = margin_prologue(x, W, y, opts, m2, m3, cdt)
-    lse, pred, sv = kernels.margin_forward(x, W, xinv, winv, y_lab, f, opts, tile)
+    lse, pred, sv, block = kernels.margin_forward(x, W, xinv, winv, y_lab, f, opts, tile, keep_block=keep_block)
     rows = _nan_if_any_nan(winv, lse - opts.scale * f)
     rows = torch.where(valid, rows, torch.zeros_like(lse))
-    return rows, pred, sv, (x, W, y_lab, xinv, winv, f, slope, lse, valid)
+    return rows, pred, sv, (x, W, y_lab, xinv, winv, f, slope, lse, valid), block
 
 
 def _nan_if_any_nan(winv, rows):
     """NaN in, NaN out, whatever the kernels' min/max do with NaN (Triton's ``tl.maximum`` and a
-    streaming top-k drop it, torch's ops propagate it): a NaN in any centre makes every row NaN, as
-    in the reference, where every row's softmax (and top-k) sees every class. A NaN embedding
+    streaming top-k drop it, torch's ops propagate it): a NaN or an Inf in any centre (an Inf row
+    has the norm inf, so ``winv = 0``: in the reference it normalises to NaN) makes every row NaN,
+    as in the reference, where every row's softmax (and top-k) sees every class. A NaN embedding
     already reaches its row through the prologue's target cosine. O(C), no synchronisation."""
-    return torch.where(torch.isnan(winv).any(), torch.full_like(rows, float("nan")), rows)
+    bad = (torch.isnan(winv) | (winv == 0)).any()
+    return torch.where(bad, torch.full_like(rows, float("nan")), rows)
 
 
-def margin_backward_grads(grad_rows, saved, opts: MarginOptions, kernels, tile: int, need_dx: bool, need_dW: bool):
-    """``(dL/dx or None, dL/dW or None)`` from the upstream per-row gradient and ``saved``."""
+def margin_backward_grads(grad_rows, saved, opts: MarginOptions, kernels, tile: int, need_dx: bool, need_dW: bool,
+                          block=None):
+    """``(dL/dx or None, dL/dW or None)`` from the upstream per-row gradient and ``saved`` (and the
+    forward's kept block, when it kept one)."""
     x, W, y_lab, xinv, winv, f, slope, lse, valid = saved
     gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
     dcy = target_column_grad(opts, f, lse, gl, slope)
-    Gx, dW = kernels.margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, opts, tile, need_dx, need_dW)
+    Gx, dW = kernels.margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, opts, tile, need_dx, need_dW,
+                                     block=block)
     dx = x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
     return dx, (dW if need_dW else None)
-
-
-class MarginSoftmaxFunction(torch.autograd.Function):
-    """Per-row margin-softmax losses ``[B]`` (0 on ignored rows) plus (pred, sv) statistics.
-
-    ``kernels`` is a module with the three tile kernels. The public API goes through the registered
-    op ``fusedface::margin_softmax_fwd`` below (opaque to ``torch.compile``); this Function is the
-    same computation for callers that hold a kernels module (Dynamo traces it when the kernels
-    themselves are traceable, e.g. the Triton backend's ``triton_op`` s)."""
-
-    @staticmethod
-    def forward(ctx, x, W, y, m2, m3, opts: MarginOptions, kernels, tile: int):
-        rows, pred, sv, saved = margin_forward_rows(x, W, y, m2, m3, opts, kernels, tile)
-        ctx.save_for_backward(*saved)
-        ctx.opts, ctx.kernels, ctx.tile = opts, kernels, tile
-        ctx.mark_non_differentiable(pred, sv)
-        return rows, pred, sv
-
-    @staticmethod
-    def backward(ctx, grad_rows, _gp, _gs):
-        need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_dx or need_dW):
-            return (None,) * 8
-        dx, dW = margin_backward_grads(grad_rows, ctx.saved_tensors, ctx.opts, ctx.kernels, ctx.tile,
-                                       need_dx, need_dW)
-        return dx, dW, None, None, None, None, None, None
 
 
 def x_jacobian(x, xinv, G):
@@ -235,19 +222,9 @@ def sparse_column_grads(x, xinv, W, winv, cols, dc, need_dx: bool, need_dW: bool
 # graph that grows with C) and cannot trace the backend lookup. So the engine is registered as
 # custom ops: the compiler sees one opaque op per pass, with a shape-only fake kernel, and the tile
 # loop runs eagerly inside it. Non-tensor options travel as scalars and strings (the backend by
-# name, resolved to its kernels module inside the op); margins as per-row tensors ``[B]``.
-# ``margin_softmax_fwd`` returns what its backward needs besides its inputs; those extra outputs
-# are marked non-differentiable.
-
-def _kernels_of(backend: str, device: torch.device):
-    """The tile-kernels module of a fused backend (``auto`` resolved for ``device``)."""
-    from ._backends import resolve  # at call time: resolving imports the optional backends
-    name, kernels = resolve(backend, device)  # (checks the name)
-    if kernels is None:
-        raise ValueError(f"backend={backend!r} has no fused kernels: the fused passes (and the sharded heads) need "
-                         "a fused backend, 'auto', 'torch', 'native' or 'triton'; the reference is the materialised oracle")
-    return kernels
-
+# the name :func:`margin_softmax` resolved, looked up inside the op; ``"auto"`` from a compiled
+# graph is resolved there); margins as per-row tensors ``[B]``. ``margin_softmax_fwd`` returns what
+# its backward needs besides its inputs; those extra outputs are marked non-differentiable.
 
 def _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index) -> MarginOptions:
     return MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
@@ -257,25 +234,31 @@ def _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index) 
 @torch.library.custom_op("fusedface::margin_softmax_fwd", mutates_args=())
 def margin_softmax_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m2: torch.Tensor, m3: torch.Tensor,
                        backend: str, scale: float, m1: float, theta_policy: str, negative: str, t: float,
-                       grad_mode: str, ignore_index: int, tile: int
+                       grad_mode: str, ignore_index: int, tile: int, keep_block: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                  torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rows [B], pred [B] i64, sv [B] i32, lse [B], f [B], slope [B], xinv [B], winv [C])``;
-    the float outputs are in the accumulation dtype (fp32, fp64 when an input is fp64)."""
+                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows [B], pred [B] i64, sv [B] i32, lse [B], f [B], slope [B], xinv [B], winv [C], block)``;
+    the float outputs are in the accumulation dtype (fp32, fp64 when an input is fp64); ``block`` is
+    the kept ``[C, B]`` cosines with ``keep_block`` (backends with ``KEEPS_BLOCK``), else empty."""
     opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index)
-    rows, pred, sv, saved = margin_forward_rows(x, W, y, m2, m3, opts, _kernels_of(backend, x.device), tile)
+    kernels = backends.get(backend, x.device)
+    if keep_block and not getattr(kernels, "KEEPS_BLOCK", False):
+        raise ValueError(f"keep_block: backend={kernels.name!r} cannot keep the block of cosines; use backend='native'")
+    rows, pred, sv, saved, block = margin_forward_rows(x, W, y, m2, m3, opts, kernels, tile, keep_block)
     _, _, _, xinv, winv, f, slope, lse, _ = saved
     cdt = rows.dtype
-    return (rows, pred.to(torch.long), sv.to(torch.int32), lse.to(cdt), f, slope, xinv, winv)
+    block = block if block is not None else x.new_empty(0, dtype=cdt)
+    return (rows, pred.to(torch.long), sv.to(torch.int32), lse.to(cdt), f, slope, xinv, winv, block)
 
 
 @margin_softmax_fwd.register_fake
-def _(x, W, y, m2, m3, backend, scale, m1, theta_policy, negative, t, grad_mode, ignore_index, tile):
+def _(x, W, y, m2, m3, backend, scale, m1, theta_policy, negative, t, grad_mode, ignore_index, tile, keep_block=False):
     cdt = compute_dtype(x, W)
     B, C = x.shape[0], W.shape[0]
     vec = [x.new_empty(B, dtype=cdt) for _ in range(5)]
+    block = x.new_empty((C, B) if keep_block else (0,), dtype=cdt)
     return (vec[0], x.new_empty(B, dtype=torch.long), x.new_empty(B, dtype=torch.int32), vec[1], vec[2],
-            vec[3], vec[4], W.new_empty(C, dtype=cdt))
+            vec[3], vec[4], W.new_empty(C, dtype=cdt), block)
 
 
 @torch.library.custom_op("fusedface::margin_softmax_bwd", mutates_args=())
@@ -283,21 +266,23 @@ def margin_softmax_bwd(grad_rows: torch.Tensor, x: torch.Tensor, W: torch.Tensor
                        lse: torch.Tensor, f: torch.Tensor, slope: torch.Tensor, xinv: torch.Tensor,
                        winv: torch.Tensor, backend: str, scale: float, m1: float, theta_policy: str,
                        negative: str, t: float, grad_mode: str, ignore_index: int, tile: int,
-                       need_dx: int, need_dW: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       need_dx: int, need_dW: int, block: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dL/dx [B, D] in x's dtype, dL/dW [C, D] in W's dtype)``; a gradient that is not needed
-    comes back as an empty tensor."""
+    comes back as an empty tensor. ``block``: the forward's kept cosines (None or empty: recompute)."""
     opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index)
     valid = y != ignore_index
     y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
     saved = (x.contiguous(), W.contiguous(), y_lab, xinv, winv, f, slope, lse, valid)
-    dx, dW = margin_backward_grads(grad_rows, saved, opts, _kernels_of(backend, x.device), tile,
-                                   bool(need_dx), bool(need_dW))
+    block = block if block is not None and block.numel() else None
+    dx, dW = margin_backward_grads(grad_rows, saved, opts, backends.get(backend, x.device), tile,
+                                   bool(need_dx), bool(need_dW), block)
     return (dx if dx is not None else x.new_empty(0)), (dW if dW is not None else W.new_empty(0))
 
 
 @margin_softmax_bwd.register_fake
 def _(grad_rows, x, W, y, lse, f, slope, xinv, winv, backend, scale, m1, theta_policy, negative, t,
-      grad_mode, ignore_index, tile, need_dx, need_dW):
+      grad_mode, ignore_index, tile, need_dx, need_dW, block=None):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
     dW = torch.empty_like(W, memory_format=torch.contiguous_format) if need_dW else W.new_empty(0)
     return dx, dW
@@ -308,20 +293,20 @@ _MARGIN_SCALARS = slice(5, 14)  # backend … tile among margin_softmax_fwd's in
 
 def _margin_setup_context(ctx, inputs, output):
     x, W, y = inputs[:3]
-    rows, pred, sv, lse, f, slope, xinv, winv = output
-    ctx.save_for_backward(x, W, y, lse, f, slope, xinv, winv)
+    rows, pred, sv, lse, f, slope, xinv, winv, block = output
+    ctx.save_for_backward(x, W, y, lse, f, slope, xinv, winv, block)
     ctx.scalars = inputs[_MARGIN_SCALARS]
-    ctx.mark_non_differentiable(pred, sv, lse, f, slope, xinv, winv)
+    ctx.mark_non_differentiable(pred, sv, lse, f, slope, xinv, winv, block)
 
 
 def _margin_backward(ctx, grad_rows, *_):
     need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dx or need_dW):
-        return (None,) * 14
-    x, W, y, lse, f, slope, xinv, winv = ctx.saved_tensors
+        return (None,) * 15
+    x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
     dx, dW = torch.ops.fusedface.margin_softmax_bwd(grad_rows, x, W, y, lse, f, slope, xinv, winv,
-                                                    *ctx.scalars, int(need_dx), int(need_dW))
-    return (dx if need_dx else None, dW if need_dW else None) + (None,) * 12
+                                                    *ctx.scalars, int(need_dx), int(need_dW), block)
+    return (dx if need_dx else None, dW if need_dW else None) + (None,) * 13
 
 
 margin_softmax_fwd.register_autograd(_margin_backward, setup_context=_margin_setup_context)
@@ -333,7 +318,7 @@ def npt_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, backend: str, del
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rows [B], topi [B, k] i64, hinge [B, k], xinv [B], winv [C])`` (floats in the accumulation dtype)."""
     opts = NPTOptions(delta=delta, k=k, r=r, reduction="none", ignore_index=ignore_index)
-    rows, saved = npt_forward_rows(x, W, y, opts, _kernels_of(backend, x.device), tile)
+    rows, saved = npt_forward_rows(x, W, y, opts, backends.get(backend, x.device), tile)
     _, _, _, xinv, winv, topi, hinge, _ = saved
     return rows, topi.to(torch.long), hinge, xinv, winv
 
@@ -366,3 +351,42 @@ def _npt_backward(ctx, grad_rows, *_):
 npt_fwd.register_autograd(_npt_backward, setup_context=_npt_setup_context)
 
 REGISTERED_OPS = ("fusedface::margin_softmax_fwd", "fusedface::margin_softmax_bwd", "fusedface::npt_fwd")
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry points of the public API: the backend resolved once per call, one route per op
+# ---------------------------------------------------------------------------------------------
+
+def _resolved(backend: str, device: torch.device):
+    """``(name, module)`` in eager mode; under ``torch.compile`` the name as given and the module
+    only if it is already loaded (the op resolves ``"auto"`` when it runs: Dynamo does not trace
+    the registry's imports)."""
+    if torch.compiler.is_compiling():
+        return backend, backends.loaded(backend)
+    return backends.resolve(backend, device)
+
+
+def margin_softmax(x, W, y, opts: MarginOptions, m2, m3, backend: str, tile: int, *, want_stats: bool = True,
+                   keep_block: bool = False):
+    """The fused margin softmax of the public API (inputs already checked): ``(loss, pred, sv)`` with
+    the loss reduced by ``opts.reduction`` (``pred``/``sv`` may be None when ``want_stats`` is
+    False). ``backend`` is resolved here, once; a backend with a whole step of its own that applies
+    to this call (the Triton step) runs it, every other call runs ``fusedface::margin_softmax_fwd``."""
+    name, module = _resolved(backend, x.device)
+    if module is None and name == "reference":
+        raise ValueError("backend='reference' is the materialised oracle; fusedface.reference computes it")
+    if module is not None and not keep_block and hasattr(module, "margin_step") and module.step_applies(x, W):
+        return module.margin_step(x, W, y, opts, m2, m3, want_stats)
+    B = x.shape[0]
+    cdt = compute_dtype(x, W)
+    rows, pred, sv, *_ = torch.ops.fusedface.margin_softmax_fwd(
+        x, W, y, row_margin(m2, B, x.device, cdt), row_margin(m3, B, x.device, cdt), name, opts.scale, opts.m1,
+        opts.theta_policy, opts.negative, opts.t, opts.grad_mode, opts.ignore_index, tile, keep_block)
+    return reduce_rows(rows, y != opts.ignore_index, opts.reduction), pred, sv
+
+
+def npt_loss(x, W, y, opts: NPTOptions, backend: str, tile: int):
+    """Fused NPT-Loss of the public API (inputs already checked), reduced by ``opts.reduction``."""
+    name, _ = _resolved(backend, x.device)
+    rows = torch.ops.fusedface.npt_fwd(x, W, y, name, opts.delta, opts.k, opts.r, opts.ignore_index, tile)[0]
+    return reduce_rows(rows, y != opts.ignore_index, opts.reduction)

@@ -29,3 +29,8 @@ def env_choice(var: str, choices: tuple[str, ...], default: str | None) -> str |
     if value not in choices:
         raise ValueError(f"{var}={os.environ[var]!r}: use one of {', '.join(choices)} (or unset it for the default)")
     return value
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return env_flag("TRITON_INTERPRET", False)

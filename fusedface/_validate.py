@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ._backends import BACKENDS
+from .backends import check_name as check_backend_name  # noqa: F401  (the registry owns the names)
 
 _CHECKS = {"enabled": False}
 
@@ -33,7 +33,7 @@ def input_checks_enabled() -> bool:
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKEND_NAMES = ("auto",) + BACKENDS
+_UNSIGNED = tuple(getattr(torch, n) for n in ("uint8", "uint16", "uint32", "uint64") if hasattr(torch, n))
 
 
 def _compiling() -> bool:
@@ -48,12 +48,6 @@ def _fail_if_any(bad: torch.Tensor, message: str, detail=None) -> None:
         return
     if bool(bad.any()):
         raise ValueError(message + (detail() if detail is not None else ""))
-
-
-def check_backend_name(backend) -> None:
-    """The name alone (availability is checked where the kernels are resolved)."""
-    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-        raise ValueError(f"backend={backend!r} is unknown; use one of {', '.join(map(repr, BACKEND_NAMES))}")
 
 
 def check_embeddings_and_centres(x: torch.Tensor, W: torch.Tensor, *, allow_empty_batch: bool = False) -> None:
@@ -101,6 +95,10 @@ def check_label_tensor(y: torch.Tensor, B: int, device: torch.device) -> None:
         raise ValueError(f"y (labels) must be 1-D of length B={B}, got shape {tuple(y.shape)}")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
         raise TypeError(f"y (labels) must be an integer tensor (torch.long), got {y.dtype}; use y.long()")
+    if y.dtype in _UNSIGNED:
+        # ``y != -1`` on a uint8 tensor compares with 255: a label 255 would silently be ignored
+        raise TypeError(f"y (labels) must be a signed integer tensor, got {y.dtype}, which cannot hold "
+                        "ignore_index=-1 (a label of 255 would read as ignored); use y.long()")
     if y.device != device:
         raise ValueError(f"y (labels) is on {y.device} but x is on {device}; move the labels with y.to(x.device)")
 
@@ -123,14 +121,14 @@ def check_labels(y: torch.Tensor, B: int, C: int, ignore_index: int, device: tor
 def check_row_margin(name: str, m, B: int, device: torch.device):
     """A margin is a float (broadcast) or a per-row tensor of length B."""
     if isinstance(m, torch.Tensor):
-        if m.dim() == 0:
-            return m
-        if m.dim() != 1 or m.shape[0] != B:
+        if m.dim() > 1 or (m.dim() == 1 and m.shape[0] != B):
             raise ValueError(f"{name} as a tensor must be per-row, shape [B={B}], got shape {tuple(m.shape)}")
         if not m.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {m.dtype}")
-        if m.device != device:
+        if m.device != device and m.dim() == 1:
             raise ValueError(f"{name} is on {m.device} but x is on {device}; move it to x's device")
+        if m.device.type == "cpu" or input_checks_enabled():  # (free on CPU, a sync on GPU: opt-in there)
+            _fail_if_any(~torch.isfinite(m.detach()), f"{name} holds NaN or Inf; margins must be finite")
         return m
     if isinstance(m, (bool, str, bytes)):
         raise TypeError(f"{name} must be a float or a Tensor[B], got {type(m).__name__} {m!r}")

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 import fusedface as ff
-from fusedface._backends import resolve
+from fusedface.backends import resolve_name
 
 # name -> constructor(dim, classes, backend, scale)
 LOSSES = {
@@ -212,7 +212,7 @@ def probe(spec: dict) -> dict:
         opt.step()
         if r:
             times.append(time.perf_counter() - t0)
-    return {"backend": resolve(spec["backend"], torch.device("cpu"))[0], "classes": C,
+    return {"backend": resolve_name(spec["backend"], torch.device("cpu")), "classes": C,
             "step_s": statistics.median(times), "head_peak_mib": mem}
 
 
@@ -447,7 +447,7 @@ def main(argv=None):
         return
 
     t_all = time.perf_counter()
-    backend = resolve(a.backend, torch.device("cpu"))[0]
+    backend = resolve_name(a.backend, torch.device("cpu"))
     world = SyntheticFaces(seed=a.seed)
     print(f"fusedface {ff.__version__}, backend {backend!r} (available: {', '.join(ff.available_backends())}); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from . import functional as FF
-from . import reference as R
+from . import margins as M
+from .otface import ot_triplet_loss
 from ._options import MarginOptions, NPTOptions
 from ._validate import check_embeddings_and_centres, check_labels
 
@@ -146,8 +147,8 @@ class _Elastic(MarginSoftmaxHead):
         self.generator = generator
 
     def __setattr__(self, name, value):
-        if name == "generator":  # reachable by id from a compiled step (reference.normal_draws)
-            R.register_generator(value)
+        if name == "generator":  # reachable by id from a compiled step (margins.normal_draws)
+            M.register_generator(value)
         super().__setattr__(name, value)
 
     def row_margins(self, x, y):
@@ -155,11 +156,11 @@ class _Elastic(MarginSoftmaxHead):
         valid = y != ignore
         if self.plus:
             # ElasticFace+ needs the target cosines before the pass: O(B·D), gathers the label rows
-            cos_y = R.target_cosines(x, self.weight, y, ignore)
+            cos_y = M.target_cosines(x, self.weight, y, ignore)
         else:
             cos_y = torch.zeros(x.shape[0], device=x.device,
                                 dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        m = R.elastic_margins(cos_y, self.margin_mean, self.margin_std, plus=self.plus,
+        m = M.elastic_margins(cos_y, self.margin_mean, self.margin_std, plus=self.plus,
                               generator=self.generator, valid=valid)
         return (m, 0.0) if self._slot == "m2" else (0.0, m)
 
@@ -220,7 +221,8 @@ class KappaFace(MarginSoftmaxHead):
     :meth:`end_epoch` once per epoch to turn the statistics into margins. Until the first
     ``end_epoch`` every class uses ``m0``. State (``class_margins``, the running sums and counts,
     the last epoch's counts, ``epochs_seen``) lives in buffers, so it is in the ``state_dict``.
-    ``stats_dtype`` lets the ``[C, D]`` running sum be stored in a lower precision.
+    ``stats_dtype`` lets the ``[C, D]`` running sum be stored in a lower precision (or fp64: the unit
+    vectors are then formed in fp64, and κ and the margins are kept in fp64).
     """
 
     def __init__(self, in_features, out_features, *, scale=64.0, m0=0.8, temperature=0.4, gamma=0.7,
@@ -228,11 +230,13 @@ class KappaFace(MarginSoftmaxHead):
         super().__init__(in_features, out_features, scale=scale, device=device, dtype=dtype, **kw)
         self.m0, self.temperature, self.gamma = float(m0), float(temperature), float(gamma)
         self.auto_update = bool(auto_update)
-        self.register_buffer("class_margins", torch.full((out_features,), self.m0, device=device))
+        # κ and the margins per class: fp64 when the head or its statistics are (an fp64 κ end to end)
+        per_class = torch.float64 if torch.float64 in (dtype, stats_dtype) else torch.float32
+        self.register_buffer("class_margins", torch.full((out_features,), self.m0, device=device, dtype=per_class))
         self.register_buffer("resultant_sum", torch.zeros(out_features, in_features, device=device, dtype=stats_dtype))
         self.register_buffer("epoch_counts", torch.zeros(out_features, device=device, dtype=torch.long))
         self.register_buffer("class_counts", torch.zeros(out_features, device=device, dtype=torch.long))
-        self.register_buffer("class_kappa", torch.zeros(out_features, device=device))
+        self.register_buffer("class_kappa", torch.zeros(out_features, device=device, dtype=per_class))
         self.register_buffer("epochs_seen", torch.zeros((), device=device, dtype=torch.long))
 
     @torch.no_grad()
@@ -241,18 +245,16 @@ class KappaFace(MarginSoftmaxHead):
         self._check(x, y, self.options.ignore_index)
         valid = y != self.options.ignore_index
         y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
-        xn = torch.nn.functional.normalize(x.detach().float(), dim=1, eps=R.EPS_NORM) * valid[:, None]
-        self.resultant_sum.index_add_(0, y_safe, xn.to(self.resultant_sum.dtype))
-        self.epoch_counts.index_add_(0, y_safe, valid.long())
+        M.accumulate_resultants(self.resultant_sum, self.epoch_counts, x, y_safe, valid)
 
     @torch.no_grad()
     def end_epoch(self) -> None:
         """κ and margins from this epoch's statistics (SPEC §3), then reset the running sums.
 
         Classes unseen this epoch get r̄ = 0/0 → κ = 0 and keep count 0 (largest count weight)."""
-        rbar = R.mean_resultant_length(self.resultant_sum, self.epoch_counts)
-        kappa = R.kappa_from_resultant(rbar, self.in_features)
-        m = R.kappa_margins(kappa, self.epoch_counts, m0=self.m0, temperature=self.temperature, gamma=self.gamma)
+        rbar = M.mean_resultant_length(self.resultant_sum, self.epoch_counts)
+        kappa = M.kappa_from_resultant(rbar, self.in_features)
+        m = M.kappa_margins(kappa, self.epoch_counts, m0=self.m0, temperature=self.temperature, gamma=self.gamma)
         self._finish_epoch(kappa, m)
 
     @torch.no_grad()
@@ -356,7 +358,7 @@ class OTFace(MarginSoftmaxHead):
 
     def forward(self, embeddings, labels, feature_maps):
         base = super().forward(embeddings, labels)
-        term = R.ot_triplet_loss(embeddings, labels, feature_maps, margin=self.ot_margin, eps=self.ot_eps,
+        term = ot_triplet_loss(embeddings, labels, feature_maps, margin=self.ot_margin, eps=self.ot_eps,
                                  iters=self.ot_iters, ignore_index=self.options.ignore_index)
         self.last_ot_loss = term.detach()
         return base + self.ot_weight * term.to(base.dtype)

@@ -1,37 +1,38 @@
-"""Exact, materialised PyTorch references for every loss in fusedface (SPEC §2–§5).
+"""The oracle: exact, materialised PyTorch references for every loss in fusedface (SPEC §2–§5).
 
-This module is the oracle every backend is tested against. It is written for clarity, not for
-speed or memory: it builds the whole ``[B, C]`` cosine matrix and several ``[B, C]`` temporaries.
+This module is the math of the SPEC and nothing else. It is written from the SPEC's formulas for
+clarity, not for speed or memory: it builds the whole ``[B, C]`` cosine matrix and several
+``[B, C]`` temporaries. It imports only ``torch``, ``math`` and the option records
+(:mod:`fusedface._options`, for their validated fields): its rewrite table, its target transform,
+its margin sources (ElasticFace's plus order, KappaFace's κ and margins) and its OTFace term are
+its own, so a mistake in the fused path's code cannot also be the oracle's.
+
 Inputs in fp16/bf16 are promoted to fp32 (fp64 stays fp64), so the loss is fp32 or fp64 and the
 gradients come back in the inputs' dtypes.
 
 Notation (SPEC §1): ``x [B, D]`` embeddings, ``W [C, D]`` class centres (one row per class),
 ``y [B]`` labels with ``ignore_index`` marking rows that contribute nothing, ``s`` the logit scale.
 ``c_bj = clamp(x̂_b · ŵ_j, -1, 1)`` with ``x̂ = x / max(‖x‖, 1e-12)``.
-
-The O(B) and O(C) helpers here (ElasticFace draws and plus ordering, KappaFace statistics →
-κ → margins, the OTFace transport term) are also what the fused backends use before and around
-their pass over the classes: only the ``[B, C]`` work differs between backends.
 """
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 
 from ._options import MarginOptions, NPTOptions
-from ._validate import check_embeddings_and_centres, check_labels, check_row_margin
 
 __all__ = [
     "cosine_matrix",
     "target_transform",
+    "rewritten_negatives",
+    "margin_softmax_from_cosines",
+    "margin_softmax_with_stats",
     "margin_softmax_loss",
     "npt_loss",
-    "elastic_draws",
-    "plus_order",
     "elastic_margins",
+    "plus_order",
     "kappa_from_resultant",
     "kappa_margins",
     "sinkhorn_ot",
@@ -39,13 +40,47 @@ __all__ = [
     "otface_loss",
 ]
 
-EPS_NORM = 1e-12  # as F.normalize
-EPS_SIN2 = 1e-12  # floor under 1 - c² in the exact slope of the target transform
+EPS_NORM = 1e-12  # SPEC §1, as F.normalize
+EPS_SIN2 = 1e-12  # SPEC §2: sin θ = sqrt(max(1 − c², 1e-12))
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32: the accumulation type of every backend."""
+    """fp64 if any input is fp64, else fp32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_inputs(x, W, y, ignore_index):
+    """The oracle's own guards (the public API checks more, with the same wording, before it calls
+    the oracle): shapes, integer labels, labels in range. Returns ``(valid, y_safe)``."""
+    for name, t, what in (("x", x, "embeddings"), ("W", W, "class centres")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} ({what}) must be a 2-D torch.Tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if x.shape[1] != W.shape[1]:
+        raise ValueError(f"x has D={x.shape[1]} features but W has D={W.shape[1]} columns; W must be [C, D]")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype.is_floating_point:
+        raise ValueError(f"y (labels) must be an integer tensor of shape [B={x.shape[0]}]")
+    valid = y != ignore_index
+    bad = ((y < 0) | (y >= W.shape[0])) & valid
+    message = f"y (labels) holds value(s) outside [0, C={W.shape[0]}) that are not ignore_index={ignore_index}"
+    if torch.compiler.is_compiling():  # (a check inside the compiled graph instead of a graph break)
+        torch._assert_async(~bad.any(), message)
+    elif bool(bad.any()):
+        raise ValueError(message)
+    return valid, torch.where(valid, y, torch.zeros_like(y)).long()
+
+
+def _margin_vector(name, m, B, device, dtype):
+    """A margin (float or per-row tensor ``[B]``) as a detached vector ``[B]``: margins are constants."""
+    if isinstance(m, torch.Tensor):
+        if m.dim() > 1 or (m.dim() == 1 and m.shape[0] != B):
+            raise ValueError(f"{name} as a tensor must be per-row, shape [B={B}], got shape {tuple(m.shape)}")
+        return m.detach().to(device=device, dtype=dtype).expand(B)
+    return torch.full((B,), float(m), dtype=dtype, device=device)
+
+
+def row_margin(m, B, device, dtype):
+    """A margin as a per-row vector ``[B]`` (detached)."""
+    return _margin_vector("margin", m, B, device, dtype)
 
 
 def cosine_matrix(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -113,19 +148,19 @@ def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Te
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
-def _prepare(x, W, y, ignore_index):
-    check_embeddings_and_centres(x, W)
-    check_labels(y, x.shape[0], W.shape[0], ignore_index, x.device)
-    valid = y != ignore_index
-    y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
-    return valid, y_safe
-
-
-def row_margin(m, B, device, dtype):
-    """A margin as a per-row vector ``[B]``; margins are constants (detached, no gradient)."""
-    if isinstance(m, torch.Tensor):
-        return m.detach().to(device=device, dtype=dtype).expand(B).contiguous()
-    return torch.full((B,), float(m), dtype=dtype, device=device)
+def rewritten_negatives(c: torch.Tensor, negative: str, t: float) -> torch.Tensor:
+    """The rewritten cosine ``g`` of a support vector (SPEC §2 table), column by column:
+    ``"none"``: ``c``; ``"sv"`` (SV-Softmax, Wang et al. 2018): ``t·c + t − 1``; ``"mv_fixed"``:
+    ``c + t``; ``"mv_adaptive"`` (MV-Softmax, Wang et al. 2020): ``(t + 1)·c + t``."""
+    if negative == "none":
+        return c
+    if negative == "sv":
+        return t * c + t - 1.0
+    if negative == "mv_fixed":
+        return c + t
+    if negative == "mv_adaptive":
+        return (t + 1.0) * c + t
+    raise ValueError(f"negative={negative!r} is not in the SPEC §2 table")
 
 
 def margin_softmax_from_cosines(c, y, opts: MarginOptions, m2=0.0, m3=0.0):
@@ -138,15 +173,14 @@ def margin_softmax_from_cosines(c, y, opts: MarginOptions, m2=0.0, m3=0.0):
     B, C = c.shape
     valid = y != opts.ignore_index
     y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
-    m2 = row_margin(check_row_margin("m2", m2, B, c.device), B, c.device, c.dtype)
-    m3 = row_margin(check_row_margin("m3", m3, B, c.device), B, c.device, c.dtype)
+    m2 = _margin_vector("m2", m2, B, c.device, c.dtype)
+    m3 = _margin_vector("m3", m3, B, c.device, c.dtype)
     c_y = c.gather(1, y_safe[:, None]).squeeze(1)  # [B]
     f = target_transform(c_y, opts.m1, m2, m3, opts.theta_policy, opts.grad_mode)  # [B]
 
     target = F.one_hot(y_safe, C).bool() & valid[:, None]  # [B, C]
     support = (c.detach() > f.detach()[:, None]) & ~target  # mis-classified negatives; no gradient
-    a, b = opts.rewrite
-    g = torch.where(support, a * c + b, c)
+    g = torch.where(support, rewritten_negatives(c, opts.negative, opts.t), c)
     z = opts.scale * torch.where(target, f[:, None].expand_as(c), g)
     rows = torch.logsumexp(z, dim=1) - opts.scale * f
     loss = _reduce(rows, valid, opts.reduction)
@@ -157,7 +191,7 @@ def margin_softmax_from_cosines(c, y, opts: MarginOptions, m2=0.0, m3=0.0):
 def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0):
     """The margin-softmax loss plus per-row statistics, materialised (see
     :func:`margin_softmax_from_cosines`)."""
-    _prepare(x, W, y, opts.ignore_index)
+    _check_inputs(x, W, y, opts.ignore_index)
     return margin_softmax_from_cosines(cosine_matrix(x, W), y, opts, m2=m2, m3=m3)
 
 
@@ -188,7 +222,7 @@ def npt_loss(x, W, y, *, delta=0.5, k=1, r=1.0, reduction="mean", ignore_index=-
     released code (which fills the target column with 0 and scales by 2r): see docs/differences.md.
     """
     opts = NPTOptions(delta=delta, k=k, r=r, reduction=reduction, ignore_index=ignore_index)
-    valid, y_safe = _prepare(x, W, y, opts.ignore_index)
+    valid, y_safe = _check_inputs(x, W, y, opts.ignore_index)
     C = W.shape[0]
     if opts.k > C - 1:
         raise ValueError(f"k={opts.k} nearest negative proxies need at least k + 1 classes, W has C={C}; use k <= {C - 1}")
@@ -200,214 +234,110 @@ def npt_loss(x, W, y, *, delta=0.5, k=1, r=1.0, reduction="mean", ignore_index=-
     return _reduce(rows, valid, opts.reduction)
 
 
-# ---------------------------------------------------------------- ElasticFace (SPEC §3)
-
-_GENERATORS: "weakref.WeakValueDictionary[int, torch.Generator]" = weakref.WeakValueDictionary()
-_GENERATORS_HELD: "dict[int, torch.Generator]" = {}  # strong references (a few generators per process)
-
-
-def register_generator(generator) -> None:
-    """Makes ``generator`` reachable by id from :func:`normal_draws` (the compiled path of
-    :func:`elastic_draws`); the heads call it when a generator is assigned."""
-    if generator is not None:
-        try:
-            _GENERATORS[id(generator)] = generator
-        except TypeError:  # torch releases whose Generator takes no weak reference: keep it alive
-            _GENERATORS_HELD[id(generator)] = generator
-
-
-@torch.library.custom_op("fusedface::normal_draws", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def normal_draws(n: int, device: torch.device, generator_id: int) -> torch.Tensor:
-    """``n`` fp32 draws of N(0, 1) from the registered generator ``generator_id``.
-
-    Dynamo cannot pass a ``torch.Generator`` into a graph; this op takes its id instead and draws
-    eagerly, so a compiled ElasticFace step consumes the same stream as an eager one (the
-    ``nondeterministic_seeded`` tag keeps the compiler from merging or re-running draws)."""
-    generator = _GENERATORS.get(generator_id) or _GENERATORS_HELD.get(generator_id)
-    if generator is None:
-        raise RuntimeError("the ElasticFace generator was not registered before torch.compile traced the head: "
-                           "assign it with `head.generator = g` (or pass generator= to the constructor)")
-    if generator.device.type != torch.device(device).type:
-        raise ValueError(f"generator is on {generator.device} but the draws are for {device}; "
-                         f"create it with torch.Generator(device={torch.device(device).type!r})")
-    return torch.randn(n, generator=generator, device=device, dtype=torch.float32)
-
-
-@normal_draws.register_fake
-def _(n, device, generator_id):
-    return torch.empty(n, device=device, dtype=torch.float32)
-
-
-def elastic_draws(batch: int, mean: float, std: float, *, generator=None, device=None, dtype=torch.float32):
-    """ElasticFace margins (Boutros et al. 2022): ``E_b ~ N(mean, std²)`` per row, not clamped."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if generator is not None and torch.compiler.is_compiling():
-        draws = torch.ops.fusedface.normal_draws(batch, device, id(generator))
-    else:
-        if generator is not None and generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device} but the draws are for {device}; "
-                             f"create it with torch.Generator(device={device.type!r})")
-        draws = torch.randn(batch, generator=generator, device=device, dtype=torch.float32)
-    return (draws * std + mean).to(dtype)
-
-
-def plus_order(target_cos: torch.Tensor, draws: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """The ElasticFace+ assignment: the row with the smallest target cosine gets the largest draw.
-
-    Rank rule (the paper's; the released code indexes with the argsort instead of its inverse):
-    sort the draws in descending order and give the r-th of them to the row whose target cosine has
-    rank r in ascending order, ties broken by row index. Rows that are not ``valid`` (ignored) rank
-    after every valid row. SPEC example: cosines ``[0.1, 0.9, 0.5, 0.7]`` and draws
-    ``[0.52, 0.47, 0.50, 0.55]`` give ``[0.55, 0.47, 0.52, 0.50]``.
-    """
-    key = target_cos.detach().to(torch.float64)
-    if valid is not None:
-        key = torch.where(valid, key, torch.full_like(key, float("inf")))
-    order = torch.argsort(key, stable=True)  # rows, hardest first
-    ranked = torch.sort(draws, descending=True, stable=True).values
-    out = torch.empty_like(draws)
-    out[order] = ranked  # the inverse permutation: row order[r] gets the r-th largest draw
-    return out
-
+# ---------------------------------------------------------------- margin sources (SPEC §3)
 
 def elastic_margins(target_cos, mean, std, *, plus=False, generator=None, valid=None):
-    """Per-row ElasticFace margins for one call: fresh draws, rank-ordered when ``plus``."""
-    draws = elastic_draws(target_cos.shape[0], mean, std, generator=generator, device=target_cos.device,
-                          dtype=torch.float64 if target_cos.dtype == torch.float64 else torch.float32)
+    """ElasticFace margins (Boutros et al. 2022) for one call: ``E_b = mean + std·N(0, 1)`` from
+    fp32 draws of ``generator`` (not clamped); ``plus`` hands them out by :func:`plus_order`."""
+    B = target_cos.shape[0]
+    dtype = torch.float64 if target_cos.dtype == torch.float64 else torch.float32
+    draws = (torch.randn(B, generator=generator, device=target_cos.device, dtype=torch.float32) * std + mean).to(dtype)
     return plus_order(target_cos, draws, valid) if plus else draws
 
 
-def target_cosines(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
-    """``c_by`` for every row in O(B·D): gathers the B label rows of ``W`` (0 on ignored rows)."""
-    valid = y != ignore_index
-    y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
-    dt = compute_dtype(x, W)
-    xn = F.normalize(x.detach().to(dt), dim=1, eps=EPS_NORM)
-    wn = F.normalize(W.detach()[y_safe].to(dt), dim=1, eps=EPS_NORM)
-    c = (xn * wn).sum(dim=1).clamp(-1.0, 1.0)
-    return torch.where(valid, c, torch.zeros_like(c))
+def plus_order(target_cos: torch.Tensor, draws: torch.Tensor, valid=None) -> torch.Tensor:
+    """ElasticFace+ (SPEC §3): the row with the r-th smallest target cosine (ties by row index,
+    ignored rows last) gets the r-th largest draw. Written as a loop over ranks."""
+    B = target_cos.shape[0]
+    keys = [(float("inf") if valid is not None and not bool(valid[b]) else float(target_cos[b]), b) for b in range(B)]
+    rows_by_rank = [b for _, b in sorted(keys)]
+    draws_by_rank = sorted(range(B), key=lambda i: (-float(draws[i]), i))
+    out = draws.clone()
+    for rank, row in enumerate(rows_by_rank):
+        out[row] = draws[draws_by_rank[rank]]
+    return out
 
 
-# ---------------------------------------------------------------- KappaFace (SPEC §3)
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def mean_resultant_length(resultant_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """``r̄_c = ‖Σ x̂‖ / n_c`` per class, in float64 (0/0 = NaN for a class not seen).
-
-    A class seen once has r̄ = 1 exactly, but an fp32 sum of unit vectors rounds it just below 1,
-    which would give a huge finite κ instead of +inf (and wreck the std of κ): r̄ within fp32
-    rounding of 1 counts as 1."""
-    n = counts.to(torch.float64)
-    rbar = torch.linalg.vector_norm(resultant_sum.to(torch.float64), dim=1) / n
-    return torch.where(rbar > 1.0 - 1e-5, torch.ones_like(rbar), rbar)
-
-
-def kappa_from_resultant(rbar: torch.Tensor, dim: int, *, all_max=_identity) -> torch.Tensor:
-    """vMF concentration estimate ``κ = r̄(d − r̄²)/(1 − r̄²)`` (Banerjee et al. 2005, used by
-    KappaFace, Oinar et al. 2022). ``+inf`` becomes the largest finite κ and NaN becomes 0.
-
-    ``all_max`` reduces a scalar over the shards when the classes are split across processes
-    (``fusedface.distributed``); the identity in one process."""
+def kappa_from_resultant(rbar: torch.Tensor, dim: int) -> torch.Tensor:
+    """KappaFace's concentration (SPEC §3): ``κ = r̄(d − r̄²)/(1 − r̄²)`` in float64; +inf becomes the
+    largest finite κ (0 if none), NaN becomes 0."""
     r = rbar.to(torch.float64)
-    kappa = r * (dim - r * r) / (1.0 - r * r)
-    kappa = torch.where(torch.isnan(kappa), torch.zeros_like(kappa), kappa)
-    finite = torch.isfinite(kappa)
-    largest = all_max(torch.where(finite, kappa, torch.full_like(kappa, float("-inf"))).max())
-    largest = torch.where(torch.isfinite(largest), largest, torch.zeros_like(largest))
-    return torch.where(finite, kappa, largest.expand_as(kappa))
+    kappa = r * (dim - r ** 2) / (1.0 - r ** 2)
+    kappa = torch.nan_to_num(kappa, nan=0.0, posinf=math.nan)
+    finite = kappa[~torch.isnan(kappa)]
+    largest = finite.max() if finite.numel() else torch.zeros((), dtype=torch.float64)
+    return torch.where(torch.isnan(kappa), largest, kappa)
 
 
-def kappa_margins(kappa: torch.Tensor, counts: torch.Tensor, *, m0=0.8, temperature=0.4, gamma=0.7,
-                  all_sum=_identity, all_max=_identity, num_classes: int | None = None) -> torch.Tensor:
-    """KappaFace per-class margins (Oinar et al. 2022, "KappaFace: Adaptive Additive Angular
-    Margin Loss for Deep Face Recognition").
-
-    ``z = (κ − mean κ)/std κ`` (unbiased std; z = 0 when the std is 0 or undefined),
-    ``wκ = 1 − sigmoid(T·z)``, ``K = 1.05·max n``, ``wn = (cos(π·n/K) + 1)/2``,
-    ``m = m0·(γ·wκ + (1 − γ)·wn)``. Check values in SPEC §3 are asserted in the tests.
-
-    Sharded classes (``fusedface.distributed``): ``all_sum``/``all_max`` reduce a scalar over the
-    shards and ``num_classes`` is the total; the mean, std and largest count are then global."""
+def kappa_margins(kappa: torch.Tensor, counts: torch.Tensor, *, m0=0.8, temperature=0.4, gamma=0.7) -> torch.Tensor:
+    """KappaFace per-class margins (Oinar et al. 2022; SPEC §3) from κ and the class counts:
+    ``m = m0·(γ·(1 − sigmoid(T·z)) + (1 − γ)·(cos(π·n/K) + 1)/2)`` with ``z`` the standardised κ
+    (unbiased std; z = 0 when the std is 0 or undefined) and ``K = 1.05·max n``."""
     kappa = kappa.to(torch.float64)
     n = counts.to(torch.float64)
-    C = kappa.numel() if num_classes is None else int(num_classes)
-    mean = all_sum(kappa.sum()) / C
-    if C > 1:
-        std = torch.sqrt(all_sum(((kappa - mean) ** 2).sum()) / (C - 1))
-    else:
-        std = torch.zeros_like(mean)
-    ok = torch.isfinite(std) & (std > 0)
-    z = torch.where(ok, (kappa - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(kappa))
-    w_kappa = 1.0 - torch.sigmoid(temperature * z)
-    K = 1.05 * all_max(n.max()).clamp(min=1.0)
-    w_n = (torch.cos(math.pi * n / K) + 1.0) / 2.0
-    return m0 * (gamma * w_kappa + (1.0 - gamma) * w_n)
+    std = kappa.std() if kappa.numel() > 1 else torch.zeros((), dtype=torch.float64)
+    z = (kappa - kappa.mean()) / std if bool(std > 0) else torch.zeros_like(kappa)
+    K = 1.05 * max(float(n.max()), 1.0)
+    return m0 * (gamma * (1.0 - torch.sigmoid(temperature * z)) + (1.0 - gamma) * (torch.cos(math.pi * n / K) + 1.0) / 2.0)
 
 
 # ---------------------------------------------------------------- OTFace (SPEC §5)
 
 def sinkhorn_ot(a: torch.Tensor, b: torch.Tensor, *, eps: float = 0.05, iters: int = 50) -> torch.Tensor:
-    """Entropic optimal-transport cost between point clouds, by log-domain Sinkhorn (Cuturi 2013).
-
-    ``a [N, P, Cf]``, ``b [N, Q, Cf]``: N pairs of clouds, each a uniform distribution over its
-    L2-normalised points. Cost ``1 − cosine``. Returns ``⟨π, cost⟩ [N]`` for the entropic plan
-    ``π`` after ``iters`` alternating updates of the dual potentials (differentiable, unrolled).
-    """
-    a = F.normalize(a, dim=-1, eps=EPS_NORM)
-    b = F.normalize(b, dim=-1, eps=EPS_NORM)
-    cost = 1.0 - a @ b.transpose(1, 2)  # [N, P, Q]
-    P, Q = cost.shape[1], cost.shape[2]
-    log_mu = -math.log(P)
-    log_nu = -math.log(Q)
-    f = torch.zeros(cost.shape[0], P, dtype=cost.dtype, device=cost.device)
-    g = torch.zeros(cost.shape[0], Q, dtype=cost.dtype, device=cost.device)
-    for _ in range(iters):
-        f = eps * (log_mu - torch.logsumexp((g[:, None, :] - cost) / eps, dim=2))
-        g = eps * (log_nu - torch.logsumexp((f[:, :, None] - cost) / eps, dim=1))
-    plan = torch.exp((f[:, :, None] + g[:, None, :] - cost) / eps)
-    return (plan * cost).sum(dim=(1, 2))
+    """Entropic OT cost ``⟨π, 1 − cos⟩`` between the uniform distributions over the L2-normalised
+    points of ``a [N, P, Cf]`` and ``b [N, Q, Cf]`` (log-domain Sinkhorn, Cuturi 2013: ``iters``
+    alternating updates of the dual potentials, unrolled and differentiable). Returns ``[N]``."""
+    out = []
+    for n in range(a.shape[0]):
+        pa = a[n] / a[n].norm(dim=1, keepdim=True).clamp(min=EPS_NORM)
+        pb = b[n] / b[n].norm(dim=1, keepdim=True).clamp(min=EPS_NORM)
+        cost = 1.0 - pa @ pb.t()  # [P, Q]
+        P, Q = cost.shape
+        u = torch.zeros(P, dtype=cost.dtype, device=cost.device)  # dual potentials
+        v = torch.zeros(Q, dtype=cost.dtype, device=cost.device)
+        for _ in range(iters):
+            u = eps * (-math.log(P) - torch.logsumexp((v[None, :] - cost) / eps, dim=1))
+            v = eps * (-math.log(Q) - torch.logsumexp((u[:, None] - cost) / eps, dim=0))
+        plan = torch.exp((u[:, None] + v[None, :] - cost) / eps)
+        out.append((plan * cost).sum())
+    return torch.stack(out)
 
 
 def ot_triplet_loss(x, y, feature_maps, *, margin=0.2, eps=0.05, iters=50, ignore_index=-1):
-    """The OTFace transport term, as fusedface reconstructs it from the abstract of Qian et al.
-    2022 ("OTFace: Hard Samples Guided Optimal Transport Loss for Deep Face Representation").
-
-    For each anchor with both a positive and a negative in the batch: the hardest positive (same
-    label, lowest embedding cosine) and hardest negative (other label, highest cosine), chosen
-    without gradient. Each sample's ``[Cf, H, W]`` feature map is a uniform distribution over its
-    ``H·W`` position vectors; ``L_OT = mean_a max(0, OT(a, p) − OT(a, n) + margin)`` (0 when no
-    anchor qualifies). The paper's hyper-parameters were not available: see docs/losses/otface.md.
-    """
+    """The OTFace transport term as fusedface reconstructs it (Qian et al. 2022; SPEC §5), anchor
+    by anchor: for each non-ignored anchor with a positive and a negative in the batch, its hardest
+    positive (same label, lowest embedding cosine, first on ties) and hardest negative (other label,
+    highest cosine), chosen without gradient; ``max(0, OT(a, p) − OT(a, n) + margin)`` with each
+    feature map ``[Cf, H, W]`` a uniform cloud of ``H·W`` points; the mean over such anchors (0 if none)."""
     if not eps > 0 or int(iters) < 1:
         raise ValueError(f"the OT term needs eps > 0 and iters >= 1, got eps={eps}, iters={iters}")
     if feature_maps.dim() != 4 or feature_maps.shape[0] != x.shape[0]:
         raise ValueError(f"feature_maps must be [B={x.shape[0]}, Cf, H, W], got shape {tuple(feature_maps.shape)}")
     B = x.shape[0]
-    valid = y != ignore_index
-    with torch.no_grad():
-        xn = F.normalize(x.detach().float(), dim=1, eps=EPS_NORM)
-        cos = xn @ xn.t()
-        same = (y[:, None] == y[None, :]) & valid[:, None] & valid[None, :]
-        eye = torch.eye(B, dtype=torch.bool, device=x.device)
-        pos = same & ~eye
-        neg = ~(y[:, None] == y[None, :]) & valid[:, None] & valid[None, :]
-        hard_pos = cos.masked_fill(~pos, float("inf")).argmin(dim=1)
-        hard_neg = cos.masked_fill(~neg, float("-inf")).argmax(dim=1)
-        anchors = pos.any(dim=1) & neg.any(dim=1)
     dt = compute_dtype(x, feature_maps)
     clouds = feature_maps.to(dt).flatten(2).transpose(1, 2)  # [B, H·W, Cf]
-    ot_pos = sinkhorn_ot(clouds, clouds[hard_pos], eps=eps, iters=iters)
-    ot_neg = sinkhorn_ot(clouds, clouds[hard_neg], eps=eps, iters=iters)
-    terms = torch.relu(ot_pos - ot_neg + margin)
-    terms = torch.where(anchors, terms, torch.zeros_like(terms))
-    return terms.sum() / anchors.sum().clamp(min=1).to(terms.dtype)
+    xn = F.normalize(x.detach().float(), dim=1, eps=EPS_NORM)
+    cos = xn @ xn.t()
+    labels = [int(v) for v in y]
+    terms = []
+    for a in range(B):
+        if labels[a] == ignore_index:
+            continue
+        pos = [j for j in range(B) if j != a and labels[j] == labels[a]]
+        neg = [j for j in range(B) if labels[j] != ignore_index and labels[j] != labels[a]]
+        if not pos or not neg:
+            continue
+        p = min(pos, key=lambda j: (float(cos[a, j]), j))
+        n = max(neg, key=lambda j: (float(cos[a, j]), -j))
+        pair = sinkhorn_ot(clouds[[a, a]], clouds[[p, n]], eps=eps, iters=iters)
+        terms.append(torch.relu(pair[0] - pair[1] + margin))
+    if not terms:
+        return torch.zeros((), dtype=dt, device=x.device)
+    return torch.stack(terms).mean()
 
 
 def otface_loss(x, W, y, feature_maps, *, ot_weight=0.1, ot_margin=0.2, ot_eps=0.05, ot_iters=50, **margin_kwargs):
-    """OTFace total loss: ``margin_softmax_loss(x, W, y, **margin_kwargs) + ot_weight·L_OT``."""
+    """OTFace total loss (SPEC §5): ``margin_softmax_loss(x, W, y, **margin_kwargs) + ot_weight·L_OT``."""
     base = margin_softmax_loss(x, W, y, **margin_kwargs)
     term = ot_triplet_loss(x, y, feature_maps, margin=ot_margin, eps=ot_eps, iters=ot_iters,
                            ignore_index=margin_kwargs.get("ignore_index", -1))

@@ -68,12 +68,19 @@ def test_opcheck_engine_ops(dtype, backend):
         args = (xx, WW, y, m2, m3, backend, 32.0, 1.0, policy, negative, t, grad_mode, -1, 4)
         torch.library.opcheck(fwd, args)
         out = fwd(x, W, y, m2, m3, backend, 32.0, 1.0, policy, negative, t, grad_mode, -1, 4)
-        rows, pred, sv, lse, f, slope, xinv, winv = out
+        rows, pred, sv, lse, f, slope, xinv, winv, block = out
         assert rows.dtype == cdt and pred.dtype == torch.long and sv.dtype == torch.int32 and winv.shape == (13,)
+        assert block.numel() == 0, "no block is kept unless keep_block"
         gr = torch.rand(B, dtype=cdt)
         for need in ((1, 1), (0, 1)) if negative == "sv" else ((1, 0),):
             torch.library.opcheck(bwd, (gr, x, W, y, lse, f, slope, xinv, winv, backend, 32.0, 1.0, policy,
                                         negative, t, grad_mode, -1, 4) + need)
+        if backend == "native":  # the kept-block option: the forward's [C, B] cosines into the backward
+            torch.library.opcheck(fwd, args + (True,))
+            block = fwd(*((x, W) + args[2:]), True)[8]
+            assert block.shape == (13, B) and block.dtype == cdt
+            torch.library.opcheck(bwd, (gr, x, W, y, lse, f, slope, xinv, winv, backend, 32.0, 1.0, policy,
+                                        negative, t, grad_mode, -1, 4, 1, 1, block))
     for k in (1, 4):
         xx, WW = x.clone().requires_grad_(), W.clone().requires_grad_()
         torch.library.opcheck(npt, (xx, WW, y, backend, 0.5, k, 1.0, -1, 5))
@@ -83,7 +90,7 @@ def test_opcheck_normal_draws():
     """The ElasticFace draw op (random: checked for schema, fake kernel and autograd registration;
     not for equal outputs across runs)."""
     g = torch.Generator().manual_seed(0)
-    fusedface.reference.register_generator(g)
+    fusedface.margins.register_generator(g)
     torch.library.opcheck(torch.ops.fusedface.normal_draws.default, (5, torch.device("cpu"), id(g)),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     g.manual_seed(0)  # (opcheck ran the op)

@@ -2,7 +2,7 @@
 empty means the default, anything else is an error naming the variable."""
 import pytest
 
-from fusedface import _backends
+from fusedface import _env, backends
 from fusedface._env import env_choice, env_flag
 
 VAR = "FUSEDFACE_TEST_SWITCH"
@@ -44,20 +44,20 @@ def test_choice(monkeypatch):
 
 def test_every_fusedface_switch_uses_the_shared_parser(monkeypatch):
     """FAST_GRAD=True used to read as off, and an empty DETERMINISTIC turned determinism off."""
-    if "native" in _backends.available_backends():
-        from fusedface import _native
+    if "native" in backends.available_backends():
+        from fusedface.backends import native
         monkeypatch.setenv("FUSEDFACE_NATIVE_FAST_GRAD", "True")
-        assert _native.fast_grad() == 1
+        assert native.fast_grad() == 1
         monkeypatch.setenv("FUSEDFACE_NATIVE_PRECISION", "BF16")
-        assert _native.bf16_gemm() == 1
+        assert native.bf16_gemm() == 1
         monkeypatch.setenv("FUSEDFACE_NATIVE_PRECISION", "")
-        assert _native.bf16_gemm() == 0
-    if _backends._triton_kernels() is not None:
-        from fusedface import _triton
+        assert native.bf16_gemm() == 0
+    if backends.load("triton") is not None:
+        from fusedface.backends import triton_tiles
         monkeypatch.setenv("FUSEDFACE_TRITON_DETERMINISTIC", "")
-        assert _triton.deterministic()
+        assert triton_tiles.deterministic()
         monkeypatch.setenv("FUSEDFACE_TRITON_AUTOTUNE", "maybe")
         with pytest.raises(ValueError, match="FUSEDFACE_TRITON_AUTOTUNE"):
-            _triton.autotune_enabled()
+            triton_tiles.autotune_enabled()
     monkeypatch.setenv("TRITON_INTERPRET", "true")
-    assert _backends.triton_interpreted()
+    assert _env.triton_interpreted()

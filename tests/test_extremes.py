@@ -151,7 +151,7 @@ def test_extreme_inputs_give_finite_loss_and_gradients(kind, dtype, backend):
 
 def test_the_extremes_are_really_there():
     """The constructions hit what they claim: cosines of ±1 (to rounding), θ + 0.5 past π."""
-    from fusedface.reference import target_cosines
+    from fusedface.margins import target_cosines
     c = target_cosines(*_extreme("equal-to-centre")[:3])
     assert (c[:4] > 1 - 1e-15).all(), c[:4]
     c = target_cosines(*_extreme("opposite")[:3])

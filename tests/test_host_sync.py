@@ -138,7 +138,7 @@ def test_the_guard_decides_by_the_calling_package():
     torch's own Python code in between and when the caller swallows the exception; one reached from
     triton's code (its interpreter converting arguments) or from a module the test allows passes."""
     t = torch.arange(4.0)
-    fused = _code_of("fusedface._triton")
+    fused = _code_of("fusedface.backends.triton_tiles")
     for fn, name in ((fused["launch"], "__int__"), (fused["grid"], "__int__"), (fused["to_numpy"], "numpy")):
         with pytest.raises(HostSync, match=rf"Tensor\.{name} called from .*\(({fn.__name__}|<lambda>)\)"), \
                 no_host_sync():
@@ -152,7 +152,7 @@ def test_the_guard_decides_by_the_calling_package():
     with pytest.raises(HostSync), no_host_sync():
         _code_of("fusedface._validate")["launch"](t)  # allowed only where a test says so
     # triton code calling into fusedface code that syncs: the fusedface frame is nearer, so caught
-    inner = _code_of("fusedface._triton")["launch"]
+    inner = _code_of("fusedface.backends.triton_tiles")["launch"]
     outer = {"__name__": "triton.runtime.interpreter", "inner": inner}
     exec("def run(t):\n    return inner(t)\n", outer)  # noqa: S102
     with pytest.raises(HostSync), no_host_sync():

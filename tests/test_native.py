@@ -27,10 +27,11 @@ except ImportError as err:  # a visible skip, never a silent pass
     pytest.skip(f"fusedface._C is not built ({err}); build it with `pip install --no-build-isolation -e .`",
                 allow_module_level=True)
 
-from fusedface import _native  # noqa: E402
+from fusedface.backends import native  # noqa: E402
 from fusedface import functional as F_  # noqa: E402
-from fusedface._backends import resolve  # noqa: E402
-from fusedface._engine import choose_tile, inverse_norms, margin_prologue  # noqa: E402
+from fusedface.backends import resolve  # noqa: E402
+from fusedface._engine import choose_tile, margin_prologue  # noqa: E402
+from fusedface._numerics import inverse_norms  # noqa: E402
 from fusedface._options import MarginOptions  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,9 +111,9 @@ def test_reduction_none_and_statistics_equal_reference():
 
 
 def test_rows_past_pi_are_really_there():
-    from fusedface import reference as R
+    from fusedface.margins import target_cosines
     x, W, y = make_problem(B, D, C, **PROBLEM)
-    c = R.target_cosines(x, W, y)
+    c = target_cosines(x, W, y)
     assert (torch.acos(c[[3, 4]]) + 0.5 > math.pi).all() and (c[[5, 6]] > 0.999999).all()
 
 
@@ -121,7 +122,7 @@ def test_rows_past_pi_are_really_there():
 def test_embedding_exactly_opposite_its_centre(kw):
     """x_b = −2.5·W_y: θ = π, so θ + m2 passes π. acos is infinitely ill-conditioned at −1, so the
     float64 reference itself is only good to about 1e-8 here: the native backend must be as close
-    to it as the chunked engine is (and both within 1e-8)."""
+    to it as the `torch` backend is (and both within 1e-8)."""
     x, W, y = make_problem(B, D, C, ignore=(0,))
     x[7] = -2.5 * W[y[7]]
     ref = loss_and_grads(F_.margin_softmax_loss, x, W, y, backend="reference", reduction="sum", **kw)
@@ -286,7 +287,7 @@ def test_bf16_gemm_mode_row_blocks_small_tiles_and_kept_block(monkeypatch):
     _assert_no_worse_than_plain(*_bf16_mode_errors(xq, Wq, y, kw, tile_size=TILE), what=" (row blocks)")
     monkeypatch.delenv("FUSEDFACE_NATIVE_ROW_BLOCK")
     monkeypatch.delenv("FUSEDFACE_NATIVE_TILE_BYTES")
-    _assert_no_worse_than_plain(*_bf16_mode_errors(xq, Wq, y, kw, fn=_native.margin_softmax_loss_kept_block,
+    _assert_no_worse_than_plain(*_bf16_mode_errors(xq, Wq, y, kw, fn=F_.margin_softmax_loss_kept_block,
                                                    tile_size=TILE), what=" (kept block)")
 
 
@@ -353,20 +354,20 @@ def test_kept_block_variant_equals_reference(dtype, rtol):
     x, W, y = make_problem(B, D, C, dtype=dtype, **PROBLEM)
     kw = dict(m2=0.5, negative="sv", t=1.2)
     ref = loss_and_grads(F_.margin_softmax_loss, x, W, y, backend="reference", **kw)
-    got = loss_and_grads(_native.margin_softmax_loss_kept_block, x, W, y, tile_size=TILE, **kw)
+    got = loss_and_grads(F_.margin_softmax_loss_kept_block, x, W, y, tile_size=TILE, **kw)
     _check(ref, got, rtol)
 
 
 def test_kept_block_refuses_what_does_not_fit():
     x, W, y = make_problem(4, 8, 50)
     with pytest.raises(ValueError, match="does not fit budget"):
-        _native.margin_softmax_loss_kept_block(x, W, y, budget=100)
+        F_.margin_softmax_loss_kept_block(x, W, y, budget=100)
 
 
 def test_kept_block_backward_twice_retain_graph():
     x, W, y = make_problem(B, D, C, **PROBLEM)
     xl, Wl = leaf(x, W)
-    loss = _native.margin_softmax_loss_kept_block(xl, Wl, y, m2=0.5, tile_size=TILE)
+    loss = F_.margin_softmax_loss_kept_block(xl, Wl, y, m2=0.5, tile_size=TILE)
     g1 = torch.autograd.grad(loss, (xl, Wl), retain_graph=True)
     g2 = torch.autograd.grad(loss, (xl, Wl))
     for a, b in zip(g1, g2):
@@ -433,20 +434,21 @@ def test_boundary_checks_name_the_argument():
 def test_auto_picks_native_on_cpu_and_kernels_have_the_chunked_signatures():
     import inspect
 
-    from fusedface import _chunked
+    from fusedface.backends import torch as torch_backend
     name, kernels = resolve("auto", torch.device("cpu"))
-    assert name == "native" and kernels is _native
+    assert name == "native" and kernels is native
     for fn in ("margin_forward", "margin_backward", "npt_forward"):
-        assert inspect.signature(getattr(_native, fn)) == inspect.signature(getattr(_chunked, fn)), fn
-    assert _native.supports_device("cpu") and not _native.supports_device("meta")
+        assert inspect.signature(getattr(native, fn)) == inspect.signature(getattr(torch_backend, fn)), fn
+    assert native.supports_device("cpu") and not native.supports_device("meta")
 
 
 def test_kernel_outputs_have_the_chunked_dtypes():
-    from fusedface import _chunked
+    from fusedface.backends import torch as torch_backend
     x, W, xinv, winv, y, f = _op_args(torch.bfloat16)
     opts = MarginOptions(scale=64.0)
-    for mod in (_chunked, _native):
-        lse, pred, sv = mod.margin_forward(x, W, xinv, winv, y, f, opts, 4)
+    for mod in (torch_backend, native):
+        lse, pred, sv, block = mod.margin_forward(x, W, xinv, winv, y, f, opts, 4)
+        assert block is None, "a block is kept only when the engine asks (keep_block=True)"
         assert (lse.dtype, pred.dtype, sv.dtype) == (torch.float32, torch.int64, torch.int32), mod.name
         gl = torch.ones_like(lse)
         Gx, dW = mod.margin_backward(x, W, xinv, winv, y, f, lse, gl, -gl, opts, 4, True, True)
@@ -456,9 +458,9 @@ def test_kernel_outputs_have_the_chunked_dtypes():
 
 
 def test_build_info_says_what_was_built():
-    info = _native.build_info()
+    info = native.build_info()
     assert set(info) == {"cpu", "cuda"} and "epilogue" in info["cpu"]
-    assert info["cuda"] == _native.cuda_built()
+    assert info["cuda"] == native.cuda_built()
     if torch.version.cuda is None:
         assert not info["cuda"], "a CPU build of torch cannot have the CUDA kernels"
 
@@ -488,9 +490,9 @@ def test_tile_choice_is_an_upper_bound_only():
 
 # --------------------------------------------------------------------------- CUDA (when built and a GPU exists)
 
-CUDA_READY = torch.cuda.is_available() and _native.cuda_built()
+CUDA_READY = torch.cuda.is_available() and native.cuda_built()
 CUDA_WHY = ("fusedface._C has no CUDA kernels (torch is a CPU build or no toolkit at build time)"
-            if not _native.cuda_built() else "no CUDA device here")
+            if not native.cuda_built() else "no CUDA device here")
 
 
 @pytest.mark.skipif(not CUDA_READY, reason=CUDA_WHY)
@@ -531,9 +533,9 @@ def test_cuda_low_precision_close_and_opcheck(dtype):
 
 
 def test_no_host_sync_calls_in_the_native_python_layer():
-    src = open(os.path.join(ROOT, "fusedface", "_native.py")).read()
+    src = open(os.path.join(ROOT, "fusedface", "backends", "native.py")).read()
     for bad in (".item()", ".tolist()", "nonzero(", ".cpu()"):
-        assert bad not in src, f"_native.py contains {bad}"
+        assert bad not in src, f"backends/native.py contains {bad}"
 
 
 @pytest.mark.filterwarnings("default")
@@ -546,11 +548,11 @@ def test_bf16_switches_warn_where_the_cpu_lacks_bf16_matmul(monkeypatch, var, va
     x, W, y = make_problem(16, 24, 300, dtype=torch.float32, seed=3)[:3]
     xb, Wb = leaf(x.bfloat16(), W.bfloat16())
     monkeypatch.setenv(var, value)
-    monkeypatch.setattr(_native, "cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(native, "cpu_has_bf16_matmul", lambda: False)
     with pytest.warns(RuntimeWarning, match=f"{var}.*no bf16 matrix instructions"):
         F_.margin_softmax_loss(xb, Wb, y, m2=0.5, backend="native").backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         F_.margin_softmax_loss(x, W, y, m2=0.5, backend="native")  # fp32: not applicable, silent
-        monkeypatch.setattr(_native, "cpu_has_bf16_matmul", lambda: True)
+        monkeypatch.setattr(native, "cpu_has_bf16_matmul", lambda: True)
         F_.margin_softmax_loss(xb, Wb, y, m2=0.5, backend="native").backward()

@@ -1,9 +1,8 @@
 """backend="triton": the fused Triton kernels against the materialised reference.
 
-Runs on CUDA tensors when a GPU is present, else on CPU tensors under ``TRITON_INTERPRET=1`` (set
-here before anything imports triton; if triton was already imported and its kernels compiled for a
-GPU, the kernel modules are re-imported under the interpreter, and the module is skipped with a
-reason if that is impossible). Under the interpreter the launcher uses small blocks (16 rows, 32
+Runs on CUDA tensors when a GPU is present, else on CPU tensors under ``TRITON_INTERPRET=1`` (tests/conftest.py
+imports triton and the kernels under the interpreter before any test module; where that was impossible the
+module is skipped with the reason ``conftest.triton_unusable`` gives, as the shared tests' Triton cases are). Under the interpreter the launcher uses small blocks (16 rows, 32
 classes, 32 features) and three class splits, so B = 37, D = 45, C = 301 leaves partial tiles on every
 axis; on a GPU the shipped configurations run, plus GPU-only tests at B = D = 512.
 """
@@ -16,52 +15,21 @@ import os
 import torch
 
 _CUDA = torch.cuda.is_available()
-# On CPU the kernels must be created under the interpreter: TRITON_INTERPRET=1 is set while this
-# module imports them (triton decides at decoration time) and while its tests run (the backend
-# resolver checks it), and restored in between, so other test modules see the environment they expect.
-_ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not _CUDA and _ENV_BEFORE is None:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
-from conftest import MARGIN_FAMILIES, assert_close, leaf, make_problem, materialise_margins  # noqa: E402
+from conftest import (MARGIN_FAMILIES, assert_close, leaf, make_problem, materialise_margins,  # noqa: E402
+                      triton_unusable)
 from fusedface import functional as F_  # noqa: E402
 from fusedface._options import MarginOptions  # noqa: E402
 
 DEV = torch.device("cuda" if _CUDA else "cpu")
 
-
-def _load_triton_backend():
-    """Imports the launcher; on CPU checks that triton and the kernels were created under the
-    interpreter (re-importing fusedface's kernel modules when only they were created compiled).
-    Returns ``(module, reason-if-unusable)``."""
-    try:
-        import triton  # noqa: F401
-        import triton.language.standard as tl_std
-    except ImportError:
-        return None, "triton is not installed (pip install triton)"
-    if not _CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        return None, (f"no GPU and TRITON_INTERPRET={_ENV_BEFORE!r} in the environment: the Triton kernels "
-                      "can only run on CPU tensors under TRITON_INTERPRET=1")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not _CUDA and not isinstance(tl_std.sum, InterpretedFunction):
-        return None, ("triton was imported by an earlier module before TRITON_INTERPRET=1 could be set, so its "
-                      "standard library is compiled-mode and cannot be interpreted on CPU: run "
-                      "`TRITON_INTERPRET=1 pytest tests/test_triton.py` or this file in its own process")
-    import fusedface._triton as T
-    from fusedface.triton_kernels import margin_softmax as K
-    if not _CUDA and not isinstance(K.margin_fwd_kernel, InterpretedFunction):
-        importlib.reload(K)
-        T = importlib.reload(T)
-    return T, ""
-
-
-T, _WHY = _load_triton_backend()
-if not _CUDA and _ENV_BEFORE is None:
-    del os.environ["TRITON_INTERPRET"]
-pytestmark = pytest.mark.skipif(T is None, reason=_WHY or "triton backend unavailable")
+# one check of whether Triton can run here, shared with every backend-parametrised test (conftest.py
+# imports triton and the kernels under the interpreter before any test module, on a machine without GPU)
+_WHY = triton_unusable(DEV.type)
+T = None if _WHY else importlib.import_module("fusedface.backends.triton_tiles")
+pytestmark = pytest.mark.skipif(T is None, reason=f"Triton backend: {_WHY}")
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +43,7 @@ B, D, C = 37, 45, 301
 # cosine rounds to 1 and the exact slope m1·sin(θ + m2)/sin θ of the target transform is
 # ill-conditioned there (sin θ ~ 1e-4), so every fused backend (torch included, same engine) differs
 # from the fp32 reference by ~1e-5 on those rows; test_near_centre_rows_fp32_match_torch_backend
-# checks the Triton kernels on them against the chunked engine instead.
+# checks the Triton kernels on them against the `torch` backend instead.
 PROBLEM = dict(ignore=(0, 11), past_pi=(3, 4))
 
 
@@ -186,7 +154,7 @@ def test_npt_bf16_no_worse_than_plain_pytorch():
 
 def test_near_centre_rows_fp32_no_worse_than_torch_backend():
     """Rows at a cosine of 1 − 5e-9 in fp32: ill-conditioned (see PROBLEM), so the Triton kernels are
-    held to the chunked engine's error against the float64 truth, not to 1e-5."""
+    held to the `torch` backend's error against the float64 truth, not to 1e-5."""
     x, W, y = _problem(near_centre=(5, 6))
     kw = dict(scale=32.0, m2=0.5, negative="mv_fixed", t=0.2)
     truth = _run(F_.margin_softmax_loss, x.double(), W.double(), y, "reference", **kw)
@@ -269,16 +237,16 @@ def test_class_splits_do_not_change_the_result(splits, monkeypatch):
 
 
 def test_launcher_matches_chunked_signatures_and_dtypes():
-    from fusedface import _chunked
-    assert T.name == "triton"
+    from fusedface.backends import torch as torch_backend
+    assert importlib.import_module("fusedface.backends.triton").name == "triton"
     for fn in ("margin_forward", "margin_backward", "npt_forward"):
-        assert inspect.signature(getattr(T, fn)) == inspect.signature(getattr(_chunked, fn)), fn
+        assert inspect.signature(getattr(T, fn)) == inspect.signature(getattr(torch_backend, fn)), fn
     from fusedface._engine import margin_prologue
     x, W, y = _problem()
     opts = MarginOptions(negative="sv", t=1.3)
     valid, y_lab, xinv, winv, c_y, f, slope = margin_prologue(x, W, y, opts, 0.5, 0.0, torch.float32)
     got = T.margin_forward(x, W, xinv, winv, y_lab, f, opts, 64)
-    exp = _chunked.margin_forward(x, W, xinv, winv, y_lab, f, opts, 64)
+    exp = torch_backend.margin_forward(x, W, xinv, winv, y_lab, f, opts, 64)
     for name, g, e in zip(("lse", "pred", "sv"), got, exp):
         assert g.dtype == e.dtype and g.shape == e.shape, f"{name}: {g.dtype}{tuple(g.shape)} vs {e.dtype}{tuple(e.shape)}"
     assert_close(got[0], exp[0], rtol=1e-6, name="lse")
@@ -293,7 +261,7 @@ def test_launcher_matches_chunked_signatures_and_dtypes():
     d = [t.double() if t.is_floating_point() else t for t in (x, W, xinv, winv, y_lab, f, lse, gl, dcy)]
     for need in [(True, False), (False, True)]:
         gx, dW = T.margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, opts, 64, *need)
-        ex, eW = _chunked.margin_backward(*d, opts, 64, *need)
+        ex, eW = torch_backend.margin_backward(*d, opts, 64, *need)
         assert (gx is None) == (ex is None) and (dW is None) == (eW is None)
         if gx is not None:
             assert gx.dtype == torch.float32, gx.dtype
@@ -302,7 +270,7 @@ def test_launcher_matches_chunked_signatures_and_dtypes():
             assert dW.dtype == W.dtype, dW.dtype
             assert_close(dW, eW, rtol=rtol, name="dW")
     v, i = T.npt_forward(x, W, xinv, winv, y_lab, 4, 64)
-    ev, ei = _chunked.npt_forward(x, W, xinv, winv, y_lab, 4, 64)
+    ev, ei = torch_backend.npt_forward(x, W, xinv, winv, y_lab, 4, 64)
     assert v.dtype == ev.dtype and i.dtype == torch.int64
     assert_close(v, ev, rtol=1e-6, name="top-k values")
     assert torch.equal(i, ei), "top-k columns differ"
@@ -340,16 +308,16 @@ def test_opcheck_registered_ops():
         torch.library.opcheck(op, args, **kw)
 
 
-def test_dynamo_captures_the_engine_in_one_graph():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dynamo_captures_the_public_call_in_one_graph(dtype):
     """Dynamo (``backend="eager"``: graph capture only, so it also runs under the interpreter) takes
-    the engine's autograd.Function with the Triton ops in one graph: no graph break in the launcher."""
-    from fusedface._engine import MarginSoftmaxFunction
+    ``margin_softmax_loss(backend="triton")`` in one graph: the Triton step's ops (fp32) and the
+    engine's registered op around the tile kernels (fp64), no graph break in the entry points."""
     x, W, y = _problem()
-    opts = MarginOptions()
+    x, W = x.to(dtype), W.to(dtype)
 
     def step(xx, WW):
-        rows, _, _ = MarginSoftmaxFunction.apply(xx, WW, y, 0.5, 0.0, opts, T, 0)
-        return rows.sum()
+        return F_.margin_softmax_loss(xx, WW, y, m2=0.5, reduction="sum", backend="triton")
 
     eager = _run(lambda a, b, yy, backend: step(a, b), x, W, y, "triton")
     got = _run(lambda a, b, yy, backend: torch.compile(step, fullgraph=True, backend="eager")(a, b), x, W, y, "triton")
@@ -362,13 +330,10 @@ _NO_INDUCTOR = "Inductor compiles Triton kernels for CUDA tensors only (under th
 
 @pytest.mark.skipif(not _CUDA, reason=_NO_INDUCTOR)
 def test_torch_compile_inductor_fullgraph_engine_matches_eager():
-    from fusedface._engine import MarginSoftmaxFunction
     x, W, y = _problem(b=64, d=128, c=5000, ignore=(0,), past_pi=(3,))
-    opts = MarginOptions(scale=32.0, negative="mv_adaptive", t=0.2)
 
     def step(xx, WW):
-        rows, _, _ = MarginSoftmaxFunction.apply(xx, WW, y, 0.5, 0.0, opts, T, 0)
-        return rows.mean()
+        return F_.margin_softmax_loss(xx, WW, y, m2=0.5, scale=32.0, negative="mv_adaptive", t=0.2, backend="triton")
 
     eager = _run(lambda a, b, yy, backend: step(a, b), x, W, y, "triton")
     compiled = torch.compile(step, fullgraph=True)
@@ -458,10 +423,10 @@ def test_gpu_int64_offsets_beyond_2_pow_31():
 
 
 # ---------------------------------------------------------------------------------------------
-# the training step (fusedface/_triton_step.py): fused and hybrid paths, mixed precision, autocast
+# the training step (fusedface/backends/triton.py): fused and hybrid paths, mixed precision, autocast
 # ---------------------------------------------------------------------------------------------
 
-TS = importlib.import_module("fusedface._triton_step") if T is not None else None  # noqa: E402
+TS = importlib.import_module("fusedface.backends.triton") if T is not None else None  # noqa: E402
 
 STEP_FAMILIES = [p for p in MARGIN_FAMILIES if p.id in ("arcface", "arcface-threshold", "arcface-straight-through",
                                                          "cosface", "combined", "sphereface-easy", "sv-am",

@@ -1,6 +1,6 @@
 """Triton kernels of the margin-softmax family and NPT (installed as ``fusedface.triton_kernels.margin_softmax``).
 
-The same three tile kernels as ``fusedface/_chunked.py`` (the contract is in ``fusedface/_engine.py``),
+The same three tile kernels as ``fusedface/backends/torch.py`` (the contract is in ``fusedface/_engine.py``),
 but each class tile lives only in registers: a ``tl.dot`` of a block of embeddings against a streamed
 tile of class centres, the inverse-norm scaling, the margin/rewrite epilogue and the online
 log-sum-exp happen in one kernel, so no ``[B, C]`` tensor and no normalised copy of ``W`` ever exists.
@@ -10,7 +10,7 @@ Notation (SPEC §1–§2): ``x [B, D]``, ``W [C, D]`` (one row per class), ``xin
 ``f_b`` the target value of row b (computed by the engine's O(B·D) prologue), ``y_b`` its label
 (``-1`` on ignored rows), ``s`` the scale, ``g = a·c + b`` the support-vector rewrite.
 
-Kernels (the launcher ``fusedface/_triton.py`` is the only code that knows grids, strides and block sizes):
+Kernels (the launcher ``fusedface/backends/triton_tiles.py`` is the only code that knows grids, strides and block sizes):
 
 ``margin_fwd_kernel``   grid (row blocks, class splits): partial (max, sum-exp, best cosine, arg-max,
                         support-vector count) per row and split; merged by O(splits·B) torch ops.

@@ -1,5 +1,5 @@
 """Triton kernels of the training step of the margin-softmax family at four GEMM-equivalents
-(installed as ``fusedface.triton_kernels.margin_step``; the launcher is ``fusedface/_triton_step.py``).
+(installed as ``fusedface.triton_kernels.margin_step``; the launcher is ``fusedface/backends/triton.py``).
 
 The earlier design (``margin_softmax.py``, still used for fp64, for the sharded heads and behind
 ``FUSEDFACE_TRITON_PATH=legacy``) recomputes the logits in *each* of its two gradient kernels and,

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import reference as R
-from .._engine import (_kernels_of, choose_tile, inverse_norms, sparse_column_grads, target_column_grad,
-                       target_transform, x_jacobian)
+from .. import backends
+from .. import margins as M
+from .._engine import choose_tile, sparse_column_grads, target_column_grad, target_transform, x_jacobian
+from .._numerics import compute_dtype, inverse_norms, reduce_rows, row_margin
 from .._options import MarginOptions, NPTOptions
 from .._validate import check_embeddings_and_centres, check_label_tensor, check_labels, check_row_margins
-from ..reference import compute_dtype, row_margin
 from ._comm import Comm, shard_range, shard_sizes
 
 __all__ = ["margin_softmax_loss", "npt_loss", "GlobalBatch", "gather_batch", "sample_classes"]
@@ -213,7 +213,7 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
     ``class_m2``: a per-class margin of this shard ``[C_local]`` (KappaFace), looked up by the
     owner of each row. ``elastic``: draws made on rank 0 and shared."""
     check_local_batch(x, y, W)
-    kernels = _kernels_of(backend, x.device)
+    kernels = backends.get(backend, x.device)
     batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
     B, device = batch.B, x.device
     m2, m3 = check_row_margins(m2, m3, B, device)
@@ -227,14 +227,14 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
         shared = [_owner_cosines(batch, Wd, y_sub, xinv, winv, cdt)]
         if elastic is not None and elastic.plus:
             # the ranking of ElasticFace+ uses the same target cosines as the single-process head
-            shared.append(R.target_cosines(batch.x_all, Wd, y_sub, -1).to(cdt))
+            shared.append(M.target_cosines(batch.x_all, Wd, y_sub, -1).to(cdt))
         if class_m2 is not None:
             m_own = class_m2[batch.y_shard.clamp(min=0)].to(cdt)
             shared.append(torch.where(owned, m_own, torch.zeros_like(m_own)))
         if elastic is not None:
             draw_dtype = cdt if elastic.plus else (torch.float64 if x.dtype == torch.float64 else torch.float32)
             if comm.rank == 0:
-                draws = R.elastic_draws(B, elastic.mean, elastic.std, generator=elastic.generator, device=device,
+                draws = M.elastic_draws(B, elastic.mean, elastic.std, generator=elastic.generator, device=device,
                                         dtype=draw_dtype)
             else:
                 draws = torch.zeros(B, dtype=draw_dtype, device=device)
@@ -247,7 +247,7 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
             m2 = rest.pop(0)
         if elastic is not None:
             draws = rest.pop(0).to(draw_dtype)
-            m = R.plus_order(tc, draws, batch.valid) if elastic.plus else draws
+            m = M.plus_order(tc, draws, batch.valid) if elastic.plus else draws
             if elastic.slot == "m2":
                 m2 = m
             else:
@@ -288,7 +288,7 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
     def forward(ctx, x_local, W, plan: _Plan):
         comm, b, opts, cdt = plan.comm, plan.batch, plan.opts, plan.cdt
         Wc = W.contiguous()
-        lse_r, pred_r, sv_r = plan.kernels.margin_forward(b.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, plan.f,
+        lse_r, pred_r, sv_r, _ = plan.kernels.margin_forward(b.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, plan.f,
                                                           opts, plan.tile)
         lse_r = lse_r.to(cdt)
         # NaN in, NaN out (fusedface._engine._nan_if_any_nan) across ranks: a flag rides on the max
@@ -355,7 +355,7 @@ def margin_softmax_loss(x, W_shard, y, *, num_classes, scale=64.0, m1=1.0, m2=0.
                                sample_generator=sample_generator, batch_sizes=batch_sizes,
                                embedding_grad_scale=embedding_grad_scale, stats=False)
     rows, _, _ = MarginSoftmaxShardFunction.apply(x, W_used, plan)
-    return R._reduce(rows, plan.batch.valid, reduction)
+    return reduce_rows(rows, plan.batch.valid, reduction)
 
 
 def check_num_classes(num_classes, world_size: int) -> None:
@@ -398,7 +398,7 @@ def npt_plan(comm: Comm, x, W, y, opts: NPTOptions, *, num_classes, backend="aut
     if opts.k > num_classes - 1:
         raise ValueError(f"k={opts.k} nearest negative proxies need at least k + 1 classes, "
                          f"num_classes={num_classes}; use k <= {num_classes - 1}")
-    kernels = _kernels_of(backend, x.device)
+    kernels = backends.get(backend, x.device)
     batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
     W_used, index, y_sub = _columns(comm, batch, W, sample_rate, sample_generator)
     cdt = compute_dtype(x, W)
@@ -494,5 +494,5 @@ def npt_loss(x, W_shard, y, *, num_classes, delta=0.5, k=1, r=1.0, reduction="me
                             sample_rate=sample_rate, sample_generator=sample_generator, batch_sizes=batch_sizes,
                             embedding_grad_scale=embedding_grad_scale)
     rows = NPTShardFunction.apply(x, W_used, plan)
-    return R._reduce(rows, plan.batch.valid, reduction)
+    return reduce_rows(rows, plan.batch.valid, reduction)
 

@@ -21,10 +21,11 @@ rows and returns the loss of the global batch, the same on every rank. Every ran
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import reference as R
+from .. import margins as M
+from .._numerics import reduce_rows
+from ..otface import ot_triplet_loss
 from ..modules import (ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, KappaFace,
                        MarginSoftmaxHead, MVSoftmax, NPT, OTFace, SphereFace, SVSoftmax, _ClassCentres, _Elastic)
 from ._comm import Comm, shard_range
@@ -134,7 +135,7 @@ class ShardedHead(nn.Module):
         if self._is_npt():
             W_used, plan = npt_plan(self.comm, embeddings, h.weight, labels, h.options, **common)
             rows = NPTShardFunction.apply(embeddings, W_used, plan)
-            loss = R._reduce(rows, plan.batch.valid, h.options.reduction)
+            loss = reduce_rows(rows, plan.batch.valid, h.options.reduction)
             self._remember(plan)
             return loss
         extra = {}
@@ -149,7 +150,7 @@ class ShardedHead(nn.Module):
         if isinstance(h, KappaFace) and self.training and h.auto_update:
             self._accumulate(plan.batch)
         rows, pred, sv = MarginSoftmaxShardFunction.apply(embeddings, W_used, plan)
-        loss = R._reduce(rows, plan.batch.valid, h.options.reduction)
+        loss = reduce_rows(rows, plan.batch.valid, h.options.reduction)
         self._remember(plan)
         if self.track_stats:
             valid = plan.batch.valid
@@ -157,7 +158,7 @@ class ShardedHead(nn.Module):
             self.last_accuracy = (((pred == plan.batch.y_all) & valid).sum() / n).detach()
             self.last_sv_fraction = (((sv > 0) & valid).sum() / n).detach()
         if isinstance(h, OTFace):
-            term = R.ot_triplet_loss(embeddings, labels, feature_maps, margin=h.ot_margin, eps=h.ot_eps,
+            term = ot_triplet_loss(embeddings, labels, feature_maps, margin=h.ot_margin, eps=h.ot_eps,
                                      iters=h.ot_iters, ignore_index=h.options.ignore_index)
             h.last_ot_loss = term.detach()
             loss = loss + h.ot_weight * term.to(loss.dtype)
@@ -185,9 +186,7 @@ class ShardedHead(nn.Module):
         h = self._kappa()
         owned = batch.y_shard >= 0
         ys = batch.y_shard.clamp(min=0)
-        xn = F.normalize(batch.x_all.float(), dim=1, eps=R.EPS_NORM) * owned[:, None]
-        h.resultant_sum.index_add_(0, ys, xn.to(h.resultant_sum.dtype))
-        h.epoch_counts.index_add_(0, ys, owned.long())
+        M.accumulate_resultants(h.resultant_sum, h.epoch_counts, batch.x_all, ys, owned)
 
     @torch.no_grad()
     def update_statistics(self, embeddings: torch.Tensor, labels: torch.Tensor, *, batch_sizes=None) -> None:
@@ -202,7 +201,7 @@ class ShardedHead(nn.Module):
     def end_epoch(self) -> None:
         """KappaFace's epoch update (SPEC §3) over the sharded statistics: κ per class on its owner;
         the largest finite κ, the largest count, and the mean and unbiased std of κ over ALL classes
-        by four scalar all-reduces (the same reference functions as ``KappaFace.end_epoch``); then
+        by four scalar all-reduces (the same functions of :mod:`fusedface.margins` as ``KappaFace.end_epoch``); then
         the margins of the shard."""
         h = self._kappa()
         comm = self.comm
@@ -213,9 +212,9 @@ class ShardedHead(nn.Module):
         def all_max(t):
             return comm.all_reduce(t.reshape(1), "max")[0]
 
-        rbar = R.mean_resultant_length(h.resultant_sum, h.epoch_counts)
-        kappa = R.kappa_from_resultant(rbar, h.in_features, all_max=all_max)
-        m = R.kappa_margins(kappa, h.epoch_counts, m0=h.m0, temperature=h.temperature, gamma=h.gamma,
+        rbar = M.mean_resultant_length(h.resultant_sum, h.epoch_counts)
+        kappa = M.kappa_from_resultant(rbar, h.in_features, all_max=all_max)
+        m = M.kappa_margins(kappa, h.epoch_counts, m0=h.m0, temperature=h.temperature, gamma=h.gamma,
                             all_sum=all_sum, all_max=all_max, num_classes=self.num_classes)
         h._finish_epoch(kappa, m)
 

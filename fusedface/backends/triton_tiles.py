@@ -1,10 +1,13 @@
-"""``backend="triton"``: the launcher of the fused Triton kernels (``triton_kernels/margin_softmax.py``).
+"""``backend="triton"``, tile kernels: the launcher of ``triton_kernels/margin_softmax.py``.
 
-This module is the only place that knows strides, block sizes, grids and allocations. It provides the
-three tile kernels of :mod:`fusedface._engine` with the signatures of :mod:`fusedface._chunked`:
+The Triton backend's implementation of the tile-kernel protocol (:mod:`fusedface.backends`), which
+:mod:`fusedface.backends.triton` re-exports: what the engine runs for fp64 inputs, NPT, the sharded
+heads and ``FUSEDFACE_TRITON_PATH=legacy`` (the margin-softmax training step of
+:mod:`fusedface.backends.triton` runs everything else). This module knows the strides, block sizes,
+grids and allocations of those kernels:
 
-``margin_forward(x, W, xinv, winv, y, f, opts, tile) -> (lse, pred, sv)``
-``margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW) -> (Gx, dW)``
+``margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False) -> (lse, pred, sv, None)``
+``margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None) -> (Gx, dW)``
 ``npt_forward(x, W, xinv, winv, y, k, tile) -> (values, index)``
 
 ``tile`` (the torch engine's memory-budget hint) is ignored: the kernels hold a tile in registers and
@@ -46,11 +49,9 @@ import struct
 import torch
 import triton
 
-from ._backends import triton_interpreted
-from ._env import env_choice, env_flag
-from .triton_kernels import margin_softmax as K
+from .._env import env_choice, env_flag, triton_interpreted
+from ..triton_kernels import margin_softmax as K
 
-name = "triton"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,14 +517,15 @@ def _check(x, W):
         raise ValueError("backend='triton' needs x and W with unit stride along D (the engine passes .contiguous())")
 
 
-def margin_forward(x, W, xinv, winv, y, f, opts, tile):
+def margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False):
     _check(x, W)
     a, b = opts.rewrite
-    return _OPS["margin_forward"](x, W, xinv, winv, y, f, float(opts.scale), float(a), float(b),
-                                  int(opts.negative != "none"))
+    lse, pred, sv = _OPS["margin_forward"](x, W, xinv, winv, y, f, float(opts.scale), float(a), float(b),
+                                           int(opts.negative != "none"))
+    return lse, pred, sv, None
 
 
-def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW):
+def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None):
     _check(x, W)
     a, b = opts.rewrite
     args = (x, W, xinv, winv, y, f, lse, gl, dcy, float(opts.scale), float(a), float(b),

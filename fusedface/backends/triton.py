@@ -1,8 +1,11 @@
-"""``backend="triton"``: the margin-softmax training step at four GEMM-equivalents.
+"""``backend="triton"``: the Triton backend's module, and its margin-softmax training step at four
+GEMM-equivalents.
 
-The launcher of ``triton_kernels/margin_step.py`` and the public path of ``backend="triton"`` for the
-margin-softmax family (``fusedface.functional.margin_softmax_loss`` and the heads). One registered op
-per pass, six kernel launches per forward + backward, no host synchronisation:
+The backend implements the tile-kernel protocol of :mod:`fusedface.backends` with the kernels of
+:mod:`fusedface.backends.triton_tiles` (re-exported here), and the protocol's optional whole step
+(``step_applies``/``margin_step``): the launcher of ``triton_kernels/margin_step.py``, which the
+engine runs instead of its own route for the margin-softmax family wherever it applies. One
+registered op per pass, six kernel launches per forward + backward, no host synchronisation:
 
 ``fusedface::triton_step_fwd``  prologue → forward → merge → reduction   (4 launches)
 ``fusedface::triton_step_bwd``  dW (class-stationary, one recompute) → dL/dx   (2 launches)
@@ -19,7 +22,7 @@ Paths (``docs/perf.md`` has the design, its roofline and the estimates):
   pass per chunk and direction. cuBLAS follows ``torch.backends.cuda.matmul.allow_tf32`` as every fp32
   matmul of PyTorch does.
 * fp64 inputs, ``FUSEDFACE_TRITON_PATH=legacy``, the sharded heads and NPT keep the earlier
-  three-kernel design (``fusedface/_triton.py``) through the engine.
+  three-kernel design (``fusedface/backends/triton_tiles.py``) through the engine.
 
 Environment (read at each call):
 
@@ -43,10 +46,19 @@ from typing import Optional
 import torch
 import triton
 
-from ._engine import inverse_norms
-from ._env import env_choice, env_flag
-from ._triton import LaunchConfig, _n_splits, arch_of
-from .triton_kernels import margin_step as K
+from .._env import env_choice, env_flag, triton_interpreted
+from .._numerics import inverse_norms
+from ..triton_kernels import margin_step as K
+from .triton_tiles import LaunchConfig, _n_splits, arch_of
+from .triton_tiles import margin_backward, margin_forward, npt_forward  # noqa: F401  (the tile-kernel protocol)
+
+name = "triton"
+KEEPS_BLOCK = False
+
+
+def supports_device(device) -> bool:
+    """CUDA tensors; CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for testing)."""
+    return torch.device(device).type == "cuda" or triton_interpreted()
 
 C_ = LaunchConfig
 # (arch, kernel) -> block sizes. block_d is the widest feature tile the kernel holds (the fused
@@ -512,9 +524,15 @@ def _per_row(m, B: int):
     return (m.reshape(1).expand(B) if m.dim() == 0 else m).contiguous()
 
 
-def margin_loss(x, W, y, opts, m2, m3, want_stats: bool):
-    """The public path (``functional.margin_softmax_loss`` and the heads): ``(loss, pred, sv)``.
-    ``m2``/``m3`` are checked floats or ``[B]`` tensors."""
+def step_applies(x: torch.Tensor, W: torch.Tensor) -> bool:
+    """Whether :func:`margin_step` runs this call (see :func:`applies`)."""
+    return applies(x, W)
+
+
+def margin_step(x, W, y, opts, m2, m3, want_stats: bool):
+    """The protocol's whole step, called by the engine for ``backend="triton"`` where it applies
+    (``functional.margin_softmax_loss`` and the heads): ``(loss, pred, sv)``, the loss reduced by
+    ``opts.reduction``. ``m2``/``m3`` are checked floats or ``[B]`` tensors."""
     a, b = opts.rewrite
     B = x.shape[0]
     m2t, m3t = (_per_row(m, B) for m in (m2, m3))
@@ -527,5 +545,6 @@ def margin_loss(x, W, y, opts, m2, m3, want_stats: bool):
     return out[0], out[1], out[2]
 
 
-__all__ = ["margin_loss", "applies", "choose_path", "step_forward", "step_backward", "override", "OPS",
+__all__ = ["name", "supports_device", "margin_forward", "margin_backward", "npt_forward", "step_applies",
+           "margin_step", "applies", "choose_path", "step_forward", "step_backward", "override", "OPS",
            "STEP_CONFIGS"]

@@ -1,14 +1,21 @@
-"""``backend="torch"``: the tile kernels of :mod:`fusedface._engine` in plain PyTorch.
+"""``backend="torch"``: the tile-kernel protocol (:mod:`fusedface.backends`) in plain PyTorch.
 
 Runs on any device. Each tile works on ``[B, T]`` temporaries in the accumulation dtype (fp32,
 or fp64 for fp64 inputs) and a ``[T, D]`` slice of ``W``; nothing grows with C except O(C)
 vectors (inverse norms). The tile width comes from :func:`fusedface._engine.choose_tile`.
+(This module's ``import torch`` is the PyTorch package: imports are absolute.)
 """
 from __future__ import annotations
 
 import torch
 
 name = "torch"
+KEEPS_BLOCK = False
+
+
+def supports_device(device) -> bool:
+    """Any device PyTorch runs on."""
+    return True
 
 
 def _tile_cosines(x32, Wt, xinv, winv_t):
@@ -29,7 +36,7 @@ def _tile_logits(c, lab, f, opts):
     return sv, z
 
 
-def margin_forward(x, W, xinv, winv, y, f, opts, tile):
+def margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False):
     cdt = xinv.dtype
     B, C = x.shape[0], W.shape[0]
     x32 = x.to(cdt)
@@ -53,10 +60,10 @@ def margin_forward(x, W, xinv, winv, y, f, opts, tile):
         better = cval > best
         best = torch.where(better, cval, best)
         pred = torch.where(better, cidx + j0, pred)
-    return run_max + torch.log(run_sum), pred, svc
+    return run_max + torch.log(run_sum), pred, svc, None
 
 
-def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW):
+def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None):
     cdt = xinv.dtype
     B, C = x.shape[0], W.shape[0]
     x32 = x.to(cdt)

@@ -1,7 +1,7 @@
-"""``backend="native"``: the tile kernels of :mod:`fusedface._engine` in C++ (``csrc/``).
+"""``backend="native"``: the tile-kernel protocol (:mod:`fusedface.backends`) in C++ (``csrc/``).
 
-Importing this module needs the compiled ``fusedface._C`` (``fusedface._backends`` checks that
-first); it registers the dispatcher ops
+Importing this module needs the compiled ``fusedface._C`` (the registry treats an ImportError as
+"not built"); it registers the dispatcher ops
 
 * ``fusedface::native_margin_forward(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block, bf16_gemm=0)``
   ``-> (lse, pred, sv, block)``
@@ -11,7 +11,10 @@ first); it registers the dispatcher ops
 
 with CPU kernels (and CUDA kernels when ``fusedface._C`` was built with them), and adds their fake
 (shape-only) kernels here, so ``torch.compile`` traces through them. The functions below have
-exactly the signatures and return dtypes of :mod:`fusedface._chunked`.
+exactly the signatures and return dtypes of :mod:`fusedface.backends.torch`. This backend alone
+``KEEPS_BLOCK``: asked by the engine (``keep_block=True``, what
+:func:`fusedface.functional.margin_softmax_loss_kept_block` does), its forward hands the ``[C, B]``
+block of cosines to the backward, which then skips its recomputing GEMM.
 
 ``tile`` (the engine's memory-budget tile width) is an upper bound: the CPU code picks the width
 that keeps one tile buffer in a core's cache (``docs/native.md``).
@@ -43,13 +46,11 @@ import warnings
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library: registers the fusedface::native_* ops)
-from ._env import env_choice, env_flag
-from ._engine import margin_backward_grads, margin_forward_rows
-from ._options import MarginOptions
-from .reference import compute_dtype
+from .. import _C  # noqa: F401  (loads the library: registers the fusedface::native_* ops)
+from .._env import env_choice, env_flag
 
 name = "native"
+KEEPS_BLOCK = True
 
 _OPS = torch.ops.fusedface
 
@@ -136,16 +137,20 @@ def _npt_forward_fake(x, W, xinv, winv, y, k, tile):
 
 # ------------------------------------------------------------------ the three tile kernels
 
-def margin_forward(x, W, xinv, winv, y, f, opts, tile):
+def margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False):
+    """``keep_block``: also return the forward's ``[C, B]`` block of cosines (accumulation dtype) for
+    :func:`margin_backward`; that forward runs fp32-grade products (the bf16-GEMM mode is off)."""
     a, b = opts.rewrite
-    lse, pred, sv, _ = _OPS.native_margin_forward(x, W, xinv, winv, y, f, float(opts.scale), float(a), float(b),
-                                                  int(tile), 0, _bf16_modes(x, W)[1])
-    return lse, pred, sv
+    lse, pred, sv, block = _OPS.native_margin_forward(x, W, xinv, winv, y, f, float(opts.scale), float(a), float(b),
+                                                      int(tile), int(bool(keep_block)),
+                                                      0 if keep_block else _bf16_modes(x, W)[1])
+    return lse, pred, sv, (block if keep_block else None)
 
 
-def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW):
+def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None):
+    """``block``: the kept cosines of :func:`margin_forward` (read as they are), or None to recompute."""
     a, b = opts.rewrite
-    Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, None, float(opts.scale), float(a),
+    Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, block, float(opts.scale), float(a),
                                          float(b), int(tile), int(bool(need_dx)), int(bool(need_dW)),
                                          *_bf16_modes(x, W))
     return (Gx if need_dx else None), (dW if need_dW else None)
@@ -155,9 +160,7 @@ def npt_forward(x, W, xinv, winv, y, k, tile):
     return _OPS.native_npt_forward(x, W, xinv, winv, y, int(k), int(tile))
 
 
-# ------------------------------------------------------------------ the kept-block variant
-
-DEFAULT_BLOCK_BUDGET = 256 * 2**20  # bytes
+DEFAULT_BLOCK_BUDGET = 256 * 2**20  # bytes of the kept [C, B] block
 
 
 def block_fits(B: int, C: int, dtype: torch.dtype, budget: int | None = None) -> bool:
@@ -167,75 +170,5 @@ def block_fits(B: int, C: int, dtype: torch.dtype, budget: int | None = None) ->
     return B * C * elt <= budget
 
 
-class _KeptBlockKernels:
-    """The native tile kernels with the forward's ``[C, B]`` block of cosines handed to the backward."""
-
-    def __init__(self):
-        self.block = None
-
-    def margin_forward(self, x, W, xinv, winv, y, f, opts, tile):
-        a, b = opts.rewrite
-        lse, pred, sv, self.block = _OPS.native_margin_forward(x, W, xinv, winv, y, f, float(opts.scale), float(a),
-                                                               float(b), int(tile), 1)
-        return lse, pred, sv
-
-    def margin_backward(self, x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW):
-        a, b = opts.rewrite
-        Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, self.block, float(opts.scale),
-                                             float(a), float(b), int(tile), int(bool(need_dx)), int(bool(need_dW)),
-                                             *_bf16_modes(x, W))  # the kept block is read as it is
-        return (Gx if need_dx else None), (dW if need_dW else None)
-
-
-class KeptBlockMarginSoftmax(torch.autograd.Function):
-    """The margin-softmax pass that keeps the ``[C, B]`` cosines of the forward for the backward,
-    which then skips the recomputing GEMM: three matrix products per step instead of four, at the
-    price of ``4·B·C`` bytes (fp32) held between forward and backward. The engine's forward and
-    backward (:func:`fusedface._engine.margin_forward_rows`, ``margin_backward_grads``) around the
-    native kernels, the block travelling from one to the other."""
-
-    @staticmethod
-    def forward(ctx, x, W, y, m2, m3, opts: MarginOptions, tile: int):
-        kernels = _KeptBlockKernels()
-        rows, pred, sv, saved = margin_forward_rows(x, W, y, m2, m3, opts, kernels, tile)
-        ctx.save_for_backward(*saved, kernels.block)
-        ctx.opts, ctx.tile = opts, tile
-        ctx.mark_non_differentiable(pred, sv)
-        return rows, pred, sv
-
-    @staticmethod
-    def backward(ctx, grad_rows, _gp, _gs):
-        need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_dx or need_dW):
-            return (None,) * 7
-        *saved, block = ctx.saved_tensors
-        kernels = _KeptBlockKernels()
-        kernels.block = block
-        dx, dW = margin_backward_grads(grad_rows, tuple(saved), ctx.opts, kernels, ctx.tile, need_dx, need_dW)
-        return dx, dW, None, None, None, None, None
-
-
-def margin_softmax_loss_kept_block(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
-                                   negative="none", t=0.0, grad_mode="exact", reduction="mean", ignore_index=-1,
-                                   tile_size=None, budget=None):
-    """:func:`fusedface.functional.margin_softmax_loss` on the native backend, keeping the
-    ``[C, B]`` block of cosines between forward and backward when it fits ``budget`` bytes
-    (default 256 MiB); raises ``ValueError`` when it does not (use the recomputing default then)."""
-    from . import reference as R
-    from ._engine import choose_tile
-    from ._validate import check_margin_call
-
-    opts = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
-                         grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
-    m2, m3 = check_margin_call(x, W, y, opts.ignore_index, m2, m3)
-    B, C = x.shape[0], W.shape[0]
-    if not block_fits(B, C, compute_dtype(x, W), budget):
-        raise ValueError(f"the [C={C}, B={B}] block of cosines does not fit budget={budget or DEFAULT_BLOCK_BUDGET} "
-                         "bytes; raise the budget or use fusedface.functional.margin_softmax_loss (recomputing)")
-    tile = choose_tile(B, x.shape[1], C, None, tile_size)
-    rows, _, _ = KeptBlockMarginSoftmax.apply(x, W, y, m2, m3, opts, tile)
-    return R._reduce(rows, y != opts.ignore_index, opts.reduction)
-
-
-__all__ = ["name", "supports_device", "margin_forward", "margin_backward", "npt_forward", "build_info", "bf16_gemm",
-           "cuda_built", "margin_softmax_loss_kept_block", "KeptBlockMarginSoftmax"]
+__all__ = ["name", "KEEPS_BLOCK", "supports_device", "margin_forward", "margin_backward", "npt_forward", "build_info",
+           "bf16_gemm", "cuda_built", "block_fits", "DEFAULT_BLOCK_BUDGET"]

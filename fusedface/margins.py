@@ -1,0 +1,180 @@
+"""Where the per-row margins come from (SPEC §3): ElasticFace draws and the plus order, KappaFace's
+statistics, κ and margins.
+
+The heads (:mod:`fusedface.modules`) and the sharded heads (:mod:`fusedface.distributed`) lower
+their margin families to per-row ``m2``/``m3`` vectors here before the fused pass. Everything is
+O(B·D) or O(C·D) and free of host synchronisation. The oracle (:mod:`fusedface.reference`) holds
+its own materialised version of the same formulas; the tests hold the two to each other and to
+the check values of SPEC §3.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from ._numerics import EPS_NORM, compute_dtype
+
+__all__ = ["elastic_draws", "plus_order", "elastic_margins", "target_cosines", "register_generator",
+           "accumulate_resultants", "mean_resultant_length", "kappa_from_resultant", "kappa_margins"]
+
+
+# ---------------------------------------------------------------- ElasticFace
+
+_GENERATORS: "weakref.WeakValueDictionary[int, torch.Generator]" = weakref.WeakValueDictionary()
+_GENERATORS_HELD: "dict[int, torch.Generator]" = {}  # strong references (a few generators per process)
+
+
+def register_generator(generator) -> None:
+    """Makes ``generator`` reachable by id from :func:`normal_draws` (the compiled path of
+    :func:`elastic_draws`); the heads call it when a generator is assigned."""
+    if generator is not None:
+        try:
+            _GENERATORS[id(generator)] = generator
+        except TypeError:  # torch releases whose Generator takes no weak reference: keep it alive
+            _GENERATORS_HELD[id(generator)] = generator
+
+
+@torch.library.custom_op("fusedface::normal_draws", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def normal_draws(n: int, device: torch.device, generator_id: int) -> torch.Tensor:
+    """``n`` fp32 draws of N(0, 1) from the registered generator ``generator_id``.
+
+    Dynamo cannot pass a ``torch.Generator`` into a graph; this op takes its id instead and draws
+    eagerly, so a compiled ElasticFace step consumes the same stream as an eager one (the
+    ``nondeterministic_seeded`` tag keeps the compiler from merging or re-running draws)."""
+    generator = _GENERATORS.get(generator_id) or _GENERATORS_HELD.get(generator_id)
+    if generator is None:
+        raise RuntimeError("the ElasticFace generator was not registered before torch.compile traced the head: "
+                           "assign it with `head.generator = g` (or pass generator= to the constructor)")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(f"generator is on {generator.device} but the draws are for {device}; "
+                         f"create it with torch.Generator(device={torch.device(device).type!r})")
+    return torch.randn(n, generator=generator, device=device, dtype=torch.float32)
+
+
+@normal_draws.register_fake
+def _(n, device, generator_id):
+    return torch.empty(n, device=device, dtype=torch.float32)
+
+
+def elastic_draws(batch: int, mean: float, std: float, *, generator=None, device=None, dtype=torch.float32):
+    """ElasticFace margins (Boutros et al. 2022): ``E_b ~ N(mean, std²)`` per row, not clamped
+    (fp32 draws of the generator's stream, then scaled)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if generator is not None and torch.compiler.is_compiling():
+        draws = torch.ops.fusedface.normal_draws(batch, device, id(generator))
+    else:
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but the draws are for {device}; "
+                             f"create it with torch.Generator(device={device.type!r})")
+        draws = torch.randn(batch, generator=generator, device=device, dtype=torch.float32)
+    return (draws * std + mean).to(dtype)
+
+
+def plus_order(target_cos: torch.Tensor, draws: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The ElasticFace+ assignment: the row with the smallest target cosine gets the largest draw.
+
+    Rank rule (the paper's; the released code indexes with the argsort instead of its inverse):
+    sort the draws in descending order and give the r-th of them to the row whose target cosine has
+    rank r in ascending order, ties broken by row index. Rows that are not ``valid`` (ignored) rank
+    after every valid row."""
+    key = target_cos.detach().to(torch.float64)
+    if valid is not None:
+        key = torch.where(valid, key, torch.full_like(key, float("inf")))
+    order = torch.argsort(key, stable=True)  # rows, hardest first
+    ranked = torch.sort(draws, descending=True, stable=True).values
+    out = torch.empty_like(draws)
+    out[order] = ranked  # the inverse permutation: row order[r] gets the r-th largest draw
+    return out
+
+
+def elastic_margins(target_cos, mean, std, *, plus=False, generator=None, valid=None):
+    """Per-row ElasticFace margins for one call: fresh draws, rank-ordered when ``plus``."""
+    draws = elastic_draws(target_cos.shape[0], mean, std, generator=generator, device=target_cos.device,
+                          dtype=torch.float64 if target_cos.dtype == torch.float64 else torch.float32)
+    return plus_order(target_cos, draws, valid) if plus else draws
+
+
+def target_cosines(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+    """``c_by`` for every row in O(B·D): gathers the B label rows of ``W`` (0 on ignored rows)."""
+    valid = y != ignore_index
+    y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
+    dt = compute_dtype(x, W)
+    xn = torch.nn.functional.normalize(x.detach().to(dt), dim=1, eps=EPS_NORM)
+    wn = torch.nn.functional.normalize(W.detach()[y_safe].to(dt), dim=1, eps=EPS_NORM)
+    c = (xn * wn).sum(dim=1).clamp(-1.0, 1.0)
+    return torch.where(valid, c, torch.zeros_like(c))
+
+
+# ---------------------------------------------------------------- KappaFace
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@torch.no_grad()
+def accumulate_resultants(resultant_sum: torch.Tensor, counts: torch.Tensor, x: torch.Tensor,
+                          y_safe: torch.Tensor, keep: torch.Tensor) -> None:
+    """``S_c += Σ x̂_b`` and ``n_c += 1`` over the rows ``b`` with ``keep`` (labels ``y_safe``), in place.
+
+    ``x̂`` is formed in the statistics' precision (at least fp32): an fp64 statistic gets fp64
+    unit vectors, so κ from fp64 statistics is an fp64 result."""
+    dt = torch.promote_types(torch.promote_types(resultant_sum.dtype, x.dtype), torch.float32)
+    xn = torch.nn.functional.normalize(x.detach().to(dt), dim=1, eps=EPS_NORM) * keep[:, None]
+    resultant_sum.index_add_(0, y_safe, xn.to(resultant_sum.dtype))
+    counts.index_add_(0, y_safe, keep.to(counts.dtype))
+
+
+def mean_resultant_length(resultant_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``r̄_c = ‖S_c‖ / n_c`` per class, in float64 (0/0 = NaN for a class not seen).
+
+    A class seen once has r̄ = 1 exactly, but a low-precision sum of unit vectors rounds it just
+    below 1, which would give a huge finite κ instead of +inf (and wreck the std of κ): r̄ within
+    the statistic's rounding of 1 (1e-5 below fp64, 1e-12 in fp64) counts as 1."""
+    n = counts.to(torch.float64)
+    rbar = torch.linalg.vector_norm(resultant_sum.to(torch.float64), dim=1) / n
+    tol = 1e-12 if resultant_sum.dtype == torch.float64 else 1e-5
+    return torch.where(rbar > 1.0 - tol, torch.ones_like(rbar), rbar)
+
+
+def kappa_from_resultant(rbar: torch.Tensor, dim: int, *, all_max=_identity) -> torch.Tensor:
+    """vMF concentration estimate ``κ = r̄(d − r̄²)/(1 − r̄²)`` (Banerjee et al. 2005, used by
+    KappaFace, Oinar et al. 2022). ``+inf`` becomes the largest finite κ and NaN becomes 0.
+
+    ``all_max`` reduces a scalar over the shards when the classes are split across processes
+    (``fusedface.distributed``); the identity in one process."""
+    r = rbar.to(torch.float64)
+    kappa = r * (dim - r * r) / (1.0 - r * r)
+    kappa = torch.where(torch.isnan(kappa), torch.zeros_like(kappa), kappa)
+    finite = torch.isfinite(kappa)
+    largest = all_max(torch.where(finite, kappa, torch.full_like(kappa, float("-inf"))).max())
+    largest = torch.where(torch.isfinite(largest), largest, torch.zeros_like(largest))
+    return torch.where(finite, kappa, largest.expand_as(kappa))
+
+
+def kappa_margins(kappa: torch.Tensor, counts: torch.Tensor, *, m0=0.8, temperature=0.4, gamma=0.7,
+                  all_sum=_identity, all_max=_identity, num_classes: int | None = None) -> torch.Tensor:
+    """KappaFace per-class margins (Oinar et al. 2022, "KappaFace: Adaptive Additive Angular
+    Margin Loss for Deep Face Recognition").
+
+    ``z = (κ − mean κ)/std κ`` (unbiased std; z = 0 when the std is 0 or undefined),
+    ``wκ = 1 − sigmoid(T·z)``, ``K = 1.05·max n``, ``wn = (cos(π·n/K) + 1)/2``,
+    ``m = m0·(γ·wκ + (1 − γ)·wn)``.
+
+    Sharded classes (``fusedface.distributed``): ``all_sum``/``all_max`` reduce a scalar over the
+    shards and ``num_classes`` is the total; the mean, std and largest count are then global."""
+    kappa = kappa.to(torch.float64)
+    n = counts.to(torch.float64)
+    C = kappa.numel() if num_classes is None else int(num_classes)
+    mean = all_sum(kappa.sum()) / C
+    if C > 1:
+        std = torch.sqrt(all_sum(((kappa - mean) ** 2).sum()) / (C - 1))
+    else:
+        std = torch.zeros_like(mean)
+    ok = torch.isfinite(std) & (std > 0)
+    z = torch.where(ok, (kappa - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(kappa))
+    w_kappa = 1.0 - torch.sigmoid(temperature * z)
+    K = 1.05 * all_max(n.max()).clamp(min=1.0)
+    w_n = (torch.cos(math.pi * n / K) + 1.0) / 2.0
+    return m0 * (gamma * w_kappa + (1.0 - gamma) * w_n)
