@@ -93,7 +93,7 @@ def _linear_ce_chunked_available(device):
 _FF = ("arcface", "cosface", "ce")
 PROVIDERS = {
     "reference": Provider("fusedface reference (materialised oracle)", _FF, False, _backend_available("reference"), 9),
-    "torch": Provider("fusedface torch (chunked)", _FF, True, _backend_available("torch")),
+    "torch": Provider("fusedface torch (plain-PyTorch tiles)", _FF, True, _backend_available("torch")),
     "native": Provider("fusedface native (C++)", _FF, True, _backend_available("native")),
     "triton": Provider("fusedface triton", _FF, True, _backend_available("triton"), timed_on_cpu=False,
                        note="on CPU only under TRITON_INTERPRET=1, an interpreter for tests: not timed"),

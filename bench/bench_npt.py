@@ -29,7 +29,7 @@ NPT_KW = dict(delta=0.5, k=5, r=1.0)
 
 PROVIDERS = {
     "reference": Provider("fusedface reference (materialised oracle)", LOSSES, False, _backend_available("reference"), 5),
-    "torch": Provider("fusedface torch (chunked)", LOSSES, True, _backend_available("torch")),
+    "torch": Provider("fusedface torch (plain-PyTorch tiles)", LOSSES, True, _backend_available("torch")),
     "native": Provider("fusedface native (C++)", LOSSES, True, _backend_available("native")),
     "triton": Provider("fusedface triton", LOSSES, True, _backend_available("triton"), timed_on_cpu=False,
                        note="on CPU only under TRITON_INTERPRET=1, an interpreter for tests: not timed"),

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 import fusedface as ff
+from fusedface._procmem import reset_peak_rss, status_kib
 from fusedface.backends import resolve_name
 
 # name -> constructor(dim, classes, backend, scale)
@@ -161,23 +162,6 @@ def tar_at_far(emb, labels, far=1e-3, impostors=2_000_000, seed=0):
 
 # ----------------------------------------------------------------------------- cost probes
 
-def _rss_kib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def probe(spec: dict) -> dict:
     """Runs in a fresh process. Head-only peak memory of one forward + backward at ``C`` classes
     (peak RSS beyond what was allocated before, minus dL/dx and dL/dW; the method of
@@ -195,10 +179,10 @@ def probe(spec: dict) -> dict:
     y = torch.randint(0, C, (B,))
     grads = (emb.numel() + head.weight.numel()) * 4
     mem = None
-    if _reset_peak_rss():
-        base = _rss_kib("VmRSS") * 1024
+    if reset_peak_rss():
+        base = status_kib("VmRSS") * 1024
         head(emb, y).backward()
-        mem = (_rss_kib("VmHWM") * 1024 - base - grads) / 2**20
+        mem = (status_kib("VmHWM") * 1024 - base - grads) / 2**20
     head.zero_grad(set_to_none=True)
     net = backbone(in_dim, D)
     opt = torch.optim.SGD([*net.parameters(), *head.parameters()], lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -331,8 +331,9 @@ def ot_triplet_loss(x, y, feature_maps, *, margin=0.2, eps=0.05, iters=50, ignor
         n = max(neg, key=lambda j: (float(cos[a, j]), -j))
         pair = sinkhorn_ot(clouds[[a, a]], clouds[[p, n]], eps=eps, iters=iters)
         terms.append(torch.relu(pair[0] - pair[1] + margin))
-    if not terms:
-        return torch.zeros((), dtype=dt, device=x.device)
+    if not terms:  # 0, still in the graph of the feature maps (a NaN there does not leak into it)
+        return torch.where(torch.zeros((), dtype=torch.bool, device=x.device), clouds.sum(),
+                           torch.zeros((), dtype=dt, device=x.device))
     return torch.stack(terms).mean()
 
 

@@ -177,13 +177,15 @@ def test_ignored_row_with_nan_contributes_nothing(value, backend):
 
 @pytest.mark.parametrize("backend,where", _combos({w: w for w in ("label-centre", "other-centre")}))
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")], ids=["inf", "-inf"])
-def test_inf_in_a_centre_gives_nan_loss(where, value, backend):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_inf_in_a_centre_gives_nan_loss(where, value, dtype, backend):
     """§2: 'a NaN (or an Inf, which normalises to NaN) ... in a label's centre or in any other
     centre gives a NaN loss' — the Inf-in-W cases (the existing test puts Inf in x only).
     Every margin loss and NPT in both places (an Inf in a centre that no row is labelled with once
     gave a finite NPT loss on the native and Triton backends and a finite margin loss on Triton's
     engine route: the engine's NaN guard now also treats an Inf centre's ``winv = 0``)."""
     x, W, y = make_problem(6, 8, 13, seed=4)
+    x, W = x.to(dtype), W.to(dtype)  # (on Triton: fp64 the engine's route, fp32/bf16 the step's hybrid path)
     y[5] = -1
     if where == "label-centre":
         W[y[2], 1] = value

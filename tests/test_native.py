@@ -132,7 +132,7 @@ def test_embedding_exactly_opposite_its_centre(kw):
         assert torch.isfinite(n).all(), name
         err_n = float((n - r).abs().max()) / float(r.abs().max())
         err_c = float((c - r).abs().max()) / float(r.abs().max())
-        assert err_n <= max(10 * err_c, 1e-8), f"{name}: native {err_n:.3e} vs chunked {err_c:.3e}"
+        assert err_n <= max(10 * err_c, 1e-8), f"{name}: native {err_n:.3e} vs torch backend {err_c:.3e}"
 
 
 @pytest.mark.parametrize("tile", [1, 16, 113, 5000])
@@ -431,7 +431,7 @@ def test_boundary_checks_name_the_argument():
         OPS.native_margin_backward(x, W, xinv, winv, y, f, f, f, f, torch.zeros(3, 3), 64.0, 1.0, 0.0, 4, 1, 1, 0)
 
 
-def test_auto_picks_native_on_cpu_and_kernels_have_the_chunked_signatures():
+def test_auto_picks_native_on_cpu_and_kernels_have_the_torch_backend_signatures():
     import inspect
 
     from fusedface.backends import torch as torch_backend
@@ -442,7 +442,7 @@ def test_auto_picks_native_on_cpu_and_kernels_have_the_chunked_signatures():
     assert native.supports_device("cpu") and not native.supports_device("meta")
 
 
-def test_kernel_outputs_have_the_chunked_dtypes():
+def test_kernel_outputs_have_the_torch_backend_dtypes():
     from fusedface.backends import torch as torch_backend
     x, W, xinv, winv, y, f = _op_args(torch.bfloat16)
     opts = MarginOptions(scale=64.0)

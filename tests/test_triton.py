@@ -236,7 +236,7 @@ def test_class_splits_do_not_change_the_result(splits, monkeypatch):
         _check_fp32(F_.npt_loss, dict(k=5), x, W, y)
 
 
-def test_launcher_matches_chunked_signatures_and_dtypes():
+def test_launcher_matches_torch_backend_signatures_and_dtypes():
     from fusedface.backends import torch as torch_backend
     assert importlib.import_module("fusedface.backends.triton").name == "triton"
     for fn in ("margin_forward", "margin_backward", "npt_forward"):
@@ -254,8 +254,8 @@ def test_launcher_matches_chunked_signatures_and_dtypes():
     gl = torch.rand_like(xinv)
     dcy = torch.randn_like(xinv)
     lse = exp[0]
-    # against the chunked kernels in float64; on a GPU the fp32 dots run as tf32x3 by default and these
-    # synthetic dcy (~N(0, 1), 30x a real label-column gradient) differed from the fp32 chunked kernels by
+    # against the torch backend's kernels in float64; on a GPU the fp32 dots run as tf32x3 by default and these
+    # synthetic dcy (~N(0, 1), 30x a real label-column gradient) differed from the fp32 torch-backend kernels by
     # 1.7e-5 of the max on an H100
     rtol = 2e-5 if _CUDA else 1e-5
     d = [t.double() if t.is_floating_point() else t for t in (x, W, xinv, winv, y_lab, f, lse, gl, dcy)]

@@ -67,7 +67,7 @@ def test_reduction_none_and_stats_equal_reference():
 
 
 @pytest.mark.parametrize("kw", [dict(m2=0.5), dict(m3=0.35, negative="sv", t=1.3), dict(m1=2.0, theta_policy="easy")])
-def test_gradcheck_chunked(kw):
+def test_gradcheck_torch_backend(kw):
     x, W, y = make_problem(6, 5, 23, ignore=(1,), seed=3)
     x.requires_grad_(True)
     W.requires_grad_(True)
@@ -75,7 +75,7 @@ def test_gradcheck_chunked(kw):
         lambda a, b: F_.margin_softmax_loss(a, b, y, backend="torch", tile_size=4, reduction="none", **kw), (x, W))
 
 
-def test_gradcheck_chunked_npt():
+def test_gradcheck_torch_backend_npt():
     x, W, y = make_problem(6, 5, 23, ignore=(1,), seed=4)
     x.requires_grad_(True)
     W.requires_grad_(True)
