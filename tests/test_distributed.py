@@ -31,6 +31,10 @@ D = 24
 GROUP_TIMEOUT_S = 300
 BATCH_SIZES = {1: [23], 2: [9, 14], 3: [11, 5, 8]}  # variable per rank
 TOL = {"float64": 1e-10, "float32": 1e-5}
+# The CPU backends only, not conftest.backend_names(): every case runs in gloo worker processes (three
+# worlds x families x dtypes), where the Triton interpreter would multiply the module's ~1 min by the
+# interpreter's per-launch cost; the sharded Functions' Triton path (the same tile kernels) is covered
+# in-process by tests/test_host_sync.py::test_sharded_pass_forward_and_backward[triton].
 BACKENDS = [b for b in ("torch", "native") if b in ff.available_backends()]
 
 # name: (single-process head, sharded head, keyword arguments)

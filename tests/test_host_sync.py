@@ -26,14 +26,13 @@ import sys
 import pytest
 import torch
 
-import fusedface as ff
 from conftest import backend_names, is_interpreted
 from fusedface import _engine
 from fusedface import functional as F_
 from fusedface._options import MarginOptions, NPTOptions
 
-BACKENDS = [b for b in ff.available_backends() if b in ("torch", "native")]
-# the public path: torch, native where built, triton (interpreted on CPU; skipped with the reason where it cannot run)
+# every fused backend, for the public path, the registered ops and the sharded Functions alike: torch,
+# native where built, triton (interpreted on CPU; skipped with the reason where it cannot run)
 PUBLIC = backend_names(fused=True)
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 # the label check of the public boundary: on CPU tensors it reads the labels by design (on a GPU only
@@ -159,7 +158,7 @@ def test_the_guard_decides_by_the_calling_package():
         outer["run"](t)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PUBLIC)
 @pytest.mark.parametrize("negative", ["none", "mv_adaptive"])
 def test_margin_pass_forward_and_backward(backend, negative):
     x, W, y = _data()
@@ -172,7 +171,7 @@ def test_margin_pass_forward_and_backward(backend, negative):
     assert torch.isfinite(rows).all() and x.grad.abs().sum() > 0 and W.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PUBLIC)
 def test_npt_pass_forward_and_backward(backend):
     x, W, y = _data()
     with no_host_sync():
@@ -181,7 +180,7 @@ def test_npt_pass_forward_and_backward(backend):
     assert torch.isfinite(rows).all() and x.grad.abs().sum() > 0 and W.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PUBLIC)
 @pytest.mark.parametrize("family", ["margin", "npt"])
 def test_sharded_pass_forward_and_backward(backend, family):
     """The sharded Functions (world of one: the same code, with identity collectives), with the
