@@ -1,7 +1,7 @@
 """The fused algorithm of SPEC §6, independent of the backend that runs the class tiles.
 
 Layers of one op, top to bottom (``docs/engine.md``): the public API (:mod:`fusedface.functional`,
-the heads) checks the inputs and calls :func:`margin_softmax` / :func:`npt_rows` here, which resolve
+the heads) checks the inputs and calls :func:`margin_softmax` / :func:`npt_loss` here, which resolve
 the backend once (:mod:`fusedface.backends`) and call the registered op
 (``fusedface::margin_softmax_fwd`` …) — or the backend's own whole step where it has one that
 applies (the Triton step). The op runs the prologue below, then the backend's tile kernels; its
@@ -41,7 +41,7 @@ import torch
 from typing import Optional
 
 from . import backends
-from ._numerics import EPS_SIN2, compute_dtype, inverse_norms, reduce_rows, row_margin
+from ._numerics import EPS_SIN2, compute_dtype, inverse_norms, nonfinite_centres, reduce_rows, row_margin
 from ._options import MarginOptions, NPTOptions
 
 DEFAULT_TILE_BUDGET = 32 * 2**20  # bytes of tile temporaries per call, independent of C
@@ -114,19 +114,18 @@ def margin_forward_rows(x, W, y, m2, m3, opts: MarginOptions, kernels, tile: int
     W = W.contiguous()
     valid, y_lab, xinv, winv, c_y, f, slope = margin_prologue(x, W, y, opts, m2, m3, cdt)
     lse, pred, sv, block = kernels.margin_forward(x, W, xinv, winv, y_lab, f, opts, tile, keep_block=keep_block)
-    rows = _nan_if_any_nan(winv, lse - opts.scale * f)
+    rows = _nan_if_bad_centres(W, winv, lse - opts.scale * f)
     rows = torch.where(valid, rows, torch.zeros_like(lse))
     return rows, pred, sv, (x, W, y_lab, xinv, winv, f, slope, lse, valid), block
 
 
-def _nan_if_any_nan(winv, rows):
+def _nan_if_bad_centres(W, winv, rows):
     """NaN in, NaN out, whatever the kernels' min/max do with NaN (Triton's ``tl.maximum`` and a
-    streaming top-k drop it, torch's ops propagate it): a NaN or an Inf in any centre (an Inf row
-    has the norm inf, so ``winv = 0``: in the reference it normalises to NaN) makes every row NaN,
-    as in the reference, where every row's softmax (and top-k) sees every class. A NaN embedding
-    already reaches its row through the prologue's target cosine. O(C), no synchronisation."""
-    bad = (torch.isnan(winv) | (winv == 0)).any()
-    return torch.where(bad, torch.full_like(rows, float("nan")), rows)
+    streaming top-k drop it, torch's ops propagate it; an Inf centre's ``winv`` is 0, which no kernel
+    sees as NaN): a NaN or an Inf in any centre makes every row NaN, as in the reference, where every
+    row's softmax (and top-k) sees every class (:func:`fusedface._numerics.nonfinite_centres`). A NaN
+    embedding already reaches its row through the prologue's target cosine. No synchronisation."""
+    return torch.where(nonfinite_centres(W, winv).any(), torch.full_like(rows, float("nan")), rows)
 
 
 def margin_backward_grads(grad_rows, saved, opts: MarginOptions, kernels, tile: int, need_dx: bool, need_dW: bool,
@@ -162,7 +161,7 @@ def npt_forward_rows(x, W, y, opts: NPTOptions, kernels, tile: int):
     topv, topi = kernels.npt_forward(x, W, xinv, winv, y_lab, opts.k, tile)
     hinge = topv - c_y[:, None] + opts.delta
     rows = 2.0 * opts.r ** 2 * torch.relu(hinge).sum(dim=1)
-    rows = _nan_if_any_nan(winv, rows)  # a streaming top-k may skip a NaN cosine; torch.topk ranks it first
+    rows = _nan_if_bad_centres(W, winv, rows)  # a streaming top-k may skip a NaN cosine; torch.topk ranks it first
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     return rows, (x, W, y_safe, xinv, winv, topi, hinge, valid)
 

@@ -35,6 +35,13 @@ def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torc
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
+def nonfinite_centres(W: torch.Tensor, winv: torch.Tensor) -> torch.Tensor:
+    """Per row of ``W``: whether the centre holds a NaN or an Inf (its ``winv`` is NaN, or an entry is
+    infinite), i.e. whether the reference's ``F.normalize`` makes it NaN. A finite row whose norm
+    overflows (``winv = 0``) is not one: the reference normalises it to a finite vector. O(C·D)."""
+    return torch.isnan(winv) | torch.isinf(W).any(dim=1)
+
+
 def inverse_norms(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``1 / max(‖row‖, EPS_NORM)`` per row, in ``dtype`` (O(rows), no normalised copy kept)."""
     return 1.0 / torch.linalg.vector_norm(t, dim=1, dtype=dtype).clamp(min=EPS_NORM)

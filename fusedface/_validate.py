@@ -129,6 +129,8 @@ def check_row_margin(name: str, m, B: int, device: torch.device):
             raise ValueError(f"{name} is on {m.device} but x is on {device}; move it to x's device")
         if m.device.type == "cpu" or input_checks_enabled():  # (free on CPU, a sync on GPU: opt-in there)
             _fail_if_any(~torch.isfinite(m.detach()), f"{name} holds NaN or Inf; margins must be finite")
+        if m.device != device and m.device.type == "cpu" and not _compiling():
+            return float(m)  # a 0-dim CPU margin for tensors elsewhere: a scalar (free), not a blocking copy
         return m
     if isinstance(m, (bool, str, bytes)):
         raise TypeError(f"{name} must be a float or a Tensor[B], got {type(m).__name__} {m!r}")

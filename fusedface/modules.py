@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import backends
 from . import functional as FF
 from . import margins as M
 from .otface import ot_triplet_loss
@@ -34,6 +35,8 @@ class _ClassCentres(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.backend = backend
+        if isinstance(backend, str) and backend in backends.FUSED:
+            backends.load(backend)  # imported now, eagerly: a step compiled later finds it (Dynamo does not import)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.last_accuracy: torch.Tensor | None = None
         self.last_sv_fraction: torch.Tensor | None = None
@@ -231,7 +234,7 @@ class KappaFace(MarginSoftmaxHead):
         self.m0, self.temperature, self.gamma = float(m0), float(temperature), float(gamma)
         self.auto_update = bool(auto_update)
         # κ and the margins per class: fp64 when the head or its statistics are (an fp64 κ end to end)
-        per_class = torch.float64 if torch.float64 in (dtype, stats_dtype) else torch.float32
+        per_class = torch.float64 if torch.float64 in (dtype or torch.get_default_dtype(), stats_dtype) else torch.float32
         self.register_buffer("class_margins", torch.full((out_features,), self.m0, device=device, dtype=per_class))
         self.register_buffer("resultant_sum", torch.zeros(out_features, in_features, device=device, dtype=stats_dtype))
         self.register_buffer("epoch_counts", torch.zeros(out_features, device=device, dtype=torch.long))

@@ -64,7 +64,7 @@ def _check_inputs(x, W, y, ignore_index):
     message = f"y (labels) holds value(s) outside [0, C={W.shape[0]}) that are not ignore_index={ignore_index}"
     if torch.compiler.is_compiling():  # (a check inside the compiled graph instead of a graph break)
         torch._assert_async(~bad.any(), message)
-    elif bool(bad.any()):
+    elif y.device.type == "cpu" and bool(bad.any()):  # (on a GPU the public API checks, behind its switch)
         raise ValueError(message)
     return valid, torch.where(valid, y, torch.zeros_like(y)).long()
 
@@ -249,8 +249,14 @@ def plus_order(target_cos: torch.Tensor, draws: torch.Tensor, valid=None) -> tor
     """ElasticFace+ (SPEC §3): the row with the r-th smallest target cosine (ties by row index,
     ignored rows last) gets the r-th largest draw. Written as a loop over ranks."""
     B = target_cos.shape[0]
-    keys = [(float("inf") if valid is not None and not bool(valid[b]) else float(target_cos[b]), b) for b in range(B)]
-    rows_by_rank = [b for _, b in sorted(keys)]
+
+    def key(b):  # valid rows by cosine, then ignored rows, then NaN cosines (as torch.sort places NaN)
+        c = float(target_cos[b])
+        if valid is not None and not bool(valid[b]):
+            return (0, math.inf, b)
+        return (1, 0.0, b) if math.isnan(c) else (0, c, b)
+
+    rows_by_rank = sorted(range(B), key=key)
     draws_by_rank = sorted(range(B), key=lambda i: (-float(draws[i]), i))
     out = draws.clone()
     for rank, row in enumerate(rows_by_rank):

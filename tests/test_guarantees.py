@@ -274,3 +274,68 @@ def test_elastic_draws_are_a_nondeterministic_seeded_op_in_the_graph():
         torch._dynamo.reset()
     assert len(graphs) == 1
     assert sum("normal_draws" in t for t in graphs[0]) == 1, graphs[0]
+
+
+# ------------------------------------------------------------------ review follow-ups
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_a_finite_centre_whose_norm_overflows_stays_finite(dtype, backend):
+    """§2 'no NaN for finite inputs': a centre of entries 1e20 has an fp32 norm of inf (``winv = 0``)
+    but is finite; the reference normalises it to a finite vector, and so must every backend (the
+    NaN guard looks for Inf entries, not for ``winv = 0``)."""
+    x, W, y = make_problem(6, 8, 13, seed=4)
+    x, W = x.to(dtype), W.to(dtype)
+    free = [j for j in range(13) if j not in y.tolist()][0]
+    W[free] = 1e20 if dtype == torch.float32 else 1e200
+    want = F_.margin_softmax_loss(x, W, y, m2=0.5, backend="reference", reduction="none")
+    got = F_.margin_softmax_loss(x, W, y, m2=0.5, backend=backend, reduction="none")
+    assert torch.isfinite(want).all()
+    assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-10, name=f"{backend} rows")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("family", ["margin", "npt"])
+def test_an_inf_centre_gives_nan_on_the_sharded_path_too(family, backend):
+    """docs/distributed.md: the sharded heads behave as one process does, 'a NaN loss must not become
+    a finite one' — an Inf centre (world of one: the same code with identity collectives)."""
+    from fusedface._options import MarginOptions, NPTOptions
+    from fusedface.distributed import _functions as SF
+    from fusedface.distributed._comm import Comm
+
+    x, W, y = make_problem(6, 8, 13, seed=4)
+    free = [j for j in range(13) if j not in y.tolist()][0]
+    W[free, 1] = float("inf")
+    comm = Comm(None)
+    if family == "margin":
+        opts = MarginOptions(reduction="none")
+        W_used, plan = SF.margin_plan(comm, x, W, y, opts, num_classes=13, backend=backend, m2=0.5,
+                                      batch_sizes=[6], tile_size=8, stats=False)
+        out = SF.MarginSoftmaxShardFunction.apply(x, W_used, plan)
+    else:
+        opts = NPTOptions(k=2, reduction="none")
+        W_used, plan = SF.npt_plan(comm, x, W, y, opts, num_classes=13, backend=backend, batch_sizes=[6], tile_size=8)
+        out = SF.NPTShardFunction.apply(x, W_used, plan)
+    rows = out[0] if isinstance(out, tuple) else out
+    assert torch.isnan(rows).all(), f"{family} on {backend}: {rows}"
+
+
+def test_a_zero_dim_cpu_margin_for_tensors_elsewhere_is_a_scalar():
+    """A 0-dim CPU margin with x on another device becomes a Python float at the boundary (no device
+    copy; the Triton step hands margin tensors to its kernels as pointers)."""
+    from fusedface._validate import check_row_margin
+    m = check_row_margin("m2", torch.tensor(0.5, dtype=torch.float64), 4, torch.device("meta"))
+    assert isinstance(m, float) and m == 0.5
+    same = torch.tensor(0.5)
+    assert check_row_margin("m2", same, 4, torch.device("cpu")) is same
+
+
+def test_plus_order_ranks_nan_cosines_last_in_both_implementations():
+    from fusedface import margins as M
+    from fusedface import reference as R
+    cos = torch.tensor([0.3, float("nan"), -0.2, 0.9, float("nan")], dtype=torch.float64)
+    draws = torch.tensor([0.5, 0.4, 0.6, 0.45, 0.55], dtype=torch.float64)
+    valid = torch.tensor([True, True, True, False, True])
+    a, b = M.plus_order(cos, draws, valid), R.plus_order(cos, draws, valid)
+    assert torch.equal(a, b), (a, b)
+    assert a[2] == 0.6 and a[0] == 0.55  # the hardest valid rows get the largest draws

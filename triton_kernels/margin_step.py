@@ -784,10 +784,9 @@ def hybrid_fwd_kernel(
                       other=0.0)
         raw = acc * xinv[:, None] * winv[None, :]
         c, lab, sv, z2 = _tile_epilogue(raw, ylab, cols64, col_ok, f, s2, sv_a, sv_b, NEGATIVE)
-        # a NaN centre: its winv (from torch's norm) is NaN; an Inf centre: its norm is inf, winv 0
+        # a NaN centre: its winv is NaN (the launcher sets an Inf centre's winv to NaN too)
         run_m, _, _, run_l = _online_update(z2, run_m, run_l,
-                                            tl.sum(((winv == winv) & ((winv != 0) | ~col_ok)).to(tl.int32),
-                                                   axis=0) < BLOCK_N)
+                                            tl.sum((winv == winv).to(tl.int32), axis=0) < BLOCK_N)
         if COUNT_SV:
             svc += tl.sum(sv.to(tl.int32), axis=1)
         best, arg = _argmax_update(c, col_ok, best, arg, c0 + tl.cast(t, tl.int64) * BLOCK_N)

@@ -302,7 +302,8 @@ def _hybrid_forward(x, W, xinv, f, ylab, scale, sv_a, sv_b, negative, count_sv):
     for i, (c0, n) in enumerate(chunks):
         view = buf[: B * n].view(B, n)
         Wc = _hybrid_w(W, x, c0, n)
-        winv[c0:c0 + n] = inverse_norms(Wc, torch.float32)
+        wi = inverse_norms(Wc, torch.float32)  # an Inf centre (winv 0) as NaN: the epilogue's NaN flag sees it
+        winv[c0:c0 + n] = torch.where(torch.isinf(Wc).any(dim=1), torch.full_like(wi, float("nan")), wi)
         torch.mm(x32, Wc.t(), out=view)
         _launch(K.hybrid_fwd_kernel, (triton.cdiv(B, epi.block_m), per),
                 view, xinv, winv, f, ylab, pm, pl, pb, pa, ps, B, n, c0, i * per, per,

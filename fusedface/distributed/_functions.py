@@ -42,7 +42,7 @@ import torch
 from .. import backends
 from .. import margins as M
 from .._engine import choose_tile, sparse_column_grads, target_column_grad, target_transform, x_jacobian
-from .._numerics import compute_dtype, inverse_norms, reduce_rows, row_margin
+from .._numerics import compute_dtype, inverse_norms, nonfinite_centres, reduce_rows, row_margin
 from .._options import MarginOptions, NPTOptions
 from .._validate import check_embeddings_and_centres, check_label_tensor, check_labels, check_row_margins
 from ._comm import Comm, shard_range, shard_sizes
@@ -291,8 +291,8 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
         lse_r, pred_r, sv_r, _ = plan.kernels.margin_forward(b.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, plan.f,
                                                           opts, plan.tile)
         lse_r = lse_r.to(cdt)
-        # NaN in, NaN out (fusedface._engine._nan_if_any_nan) across ranks: a flag rides on the max
-        nan_r = torch.isnan(plan.winv).any().to(cdt).expand(b.B)
+        # NaN in, NaN out (fusedface._engine._nan_if_bad_centres) across ranks: a flag rides on the max
+        nan_r = nonfinite_centres(Wc, plan.winv).any().to(cdt).expand(b.B)
         if plan.stats:
             pr = pred_r.long()
             best = ((b.x_all.to(cdt) * Wc[pr].to(cdt)).sum(dim=1) * plan.xinv * plan.winv[pr]).clamp(-1.0, 1.0)
@@ -441,7 +441,7 @@ class NPTShardFunction(torch.autograd.Function):
         # NaN in, NaN out: a NaN centre of this shard makes every candidate of this rank NaN (a
         # streaming top-k may have skipped it), and the global top-k below ranks NaN first, as
         # torch.topk does in the single-process head; a NaN embedding reaches c_y through the sum
-        v = torch.where(torch.isnan(plan.winv).any(), torch.full_like(v, float("nan")), v)
+        v = torch.where(nonfinite_centres(Wc, plan.winv).any(), torch.full_like(v, float("nan")), v)
         real = torch.isnan(v) | (~torch.isneginf(v) & (i >= 0))
         gid = torch.where(real, plan.global_ids(i.clamp(min=0)), torch.full_like(i, -1))
         v = torch.where(real, v, torch.full_like(v, float("-inf")))
