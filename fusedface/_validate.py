@@ -17,7 +17,6 @@ import math
 
 import torch
 
-from .backends import check_name as check_backend_name  # noqa: F401  (the registry owns the names)
 
 _CHECKS = {"enabled": False}
 
@@ -146,11 +145,3 @@ def check_row_margin(name: str, m, B: int, device: torch.device):
 def check_row_margins(m2, m3, B: int, device: torch.device):
     """``(m2, m3)``, each checked by :func:`check_row_margin`."""
     return check_row_margin("m2", m2, B, device), check_row_margin("m3", m3, B, device)
-
-
-def check_margin_call(x, W, y, ignore_index: int, m2, m3):
-    """Every boundary check of a margin-softmax call on a fused backend; returns ``(m2, m3)``
-    checked (floats or per-row tensors)."""
-    check_embeddings_and_centres(x, W)
-    check_labels(y, x.shape[0], W.shape[0], ignore_index, x.device)
-    return check_row_margins(m2, m3, x.shape[0], x.device)

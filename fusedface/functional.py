@@ -15,7 +15,8 @@ from . import reference as R
 from ._engine import choose_tile
 from ._numerics import compute_dtype
 from ._options import MarginOptions, NPTOptions
-from ._validate import check_backend_name, check_embeddings_and_centres, check_labels, check_row_margins
+from ._validate import check_embeddings_and_centres, check_labels, check_row_margins
+from .backends import check_name as check_backend_name
 from .otface import ot_triplet_loss
 
 __all__ = ["margin_softmax_loss", "npt_loss", "otface_loss", "margin_softmax_loss_kept_block"]
@@ -92,7 +93,7 @@ def margin_softmax_loss_kept_block(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.
     instead of four, for ``4·B·C`` bytes held between forward and backward, fp32). Refuses with a
     ``ValueError`` when the block does not fit ``budget`` bytes (default 256 MiB): use the
     recomputing :func:`margin_softmax_loss` then."""
-    from .backends import load, resolve_name
+    from .backends import resolve
 
     opts = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
                          grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
@@ -100,8 +101,7 @@ def margin_softmax_loss_kept_block(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.
     if x.device.type != "cpu":
         raise ValueError(f"margin_softmax_loss_kept_block runs the native CPU kernels; x is on {x.device}: use "
                          "fusedface.functional.margin_softmax_loss there")
-    resolve_name("native", x.device)  # (says how to build the native backend when it is missing)
-    _native_backend = load("native")
+    _, _native_backend = resolve("native", x.device)  # (says how to build it when it is missing)
     B, C = x.shape[0], W.shape[0]
     if not _native_backend.block_fits(B, C, compute_dtype(x, W), budget):
         raise ValueError(f"the [C={C}, B={B}] block of cosines does not fit budget="

@@ -61,6 +61,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _split_tiles(n_tiles, n_splits, pid_s):
+    """``[t0, t1)``: the contiguous range of class tiles that split ``pid_s`` of ``n_splits`` streams
+    (equal shares; the launchers' ``_n_splits`` keeps every split non-empty)."""
+    per = tl.cdiv(n_tiles, n_splits)
+    t0 = pid_s * per
+    return t0, tl.minimum(t0 + per, n_tiles)
+
+
+@triton.jit
 def _scalar(hi, lo, ref):
     """``hi + lo`` in the dtype of ``ref`` (an fp64 tensor keeps both halves, fp32 just ``hi + lo``)."""
     return tl.cast(hi, ref.dtype) + tl.cast(lo, ref.dtype)
@@ -250,9 +259,7 @@ def margin_fwd_kernel(
     svc = tl.zeros([BLOCK_M], dtype=tl.int32)
 
     n_tiles = tl.cdiv(C, BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, n_splits)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    t0, t1 = _split_tiles(n_tiles, n_splits, pid_s)
     for t in range(t0, t1):
         cols64 = tl.cast(t, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols64 < C
@@ -337,9 +344,7 @@ def margin_bwd_dx_kernel(
         xb = tl.load(x_ptr + rows64[:, None] * stride_x + dcols[None, :],
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     n_tiles = tl.cdiv(C, BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, n_splits)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    t0, t1 = _split_tiles(n_tiles, n_splits, pid_s)
     for t in range(t0, t1):
         cols64 = tl.cast(t, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols64 < C
@@ -492,9 +497,7 @@ def npt_topk_kernel(
     run_i = tl.full([BLOCK_M, K_PAD], -1, dtype=tl.int64)
 
     n_tiles = tl.cdiv(C, BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, n_splits)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    t0, t1 = _split_tiles(n_tiles, n_splits, pid_s)
     for t in range(t0, t1):
         base = tl.cast(t, tl.int64) * BLOCK_N
         cols64 = base + lane

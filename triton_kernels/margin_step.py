@@ -62,7 +62,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .margin_softmax import _dot_pv, _pscale, _round, _scaled_dot
+from .margin_softmax import _dot_pv, _pscale, _round, _scaled_dot, _split_tiles
 
 LOG2E = tl.constexpr(1.4426950408889634)  # logits are kept in log2 units: exp(z) = exp2(z·log2 e)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -480,9 +480,7 @@ def step_fwd_kernel(
         xres = tl.load(x_ptr + rows64[:, None] * stride_x + dcols[None, :], mask=row_ok[:, None] & d_ok[None, :],
                        other=0.0)
     n_tiles = tl.cdiv(C, BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, n_splits)
-    t0 = pid_s * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    t0, t1 = _split_tiles(n_tiles, n_splits, pid_s)
     lane = tl.arange(0, BLOCK_N)
     for t in range(t0, t1):
         base = tl.cast(t, tl.int64) * BLOCK_N
@@ -772,9 +770,7 @@ def hybrid_fwd_kernel(
     arg = tl.zeros([BLOCK_M], dtype=tl.int64)
     svc = tl.zeros([BLOCK_M], dtype=tl.int32)
     n_tiles = tl.cdiv(n, BLOCK_N)
-    per = tl.cdiv(n_tiles, n_parts)
-    t0 = pid_s * per
-    t1 = tl.minimum(t0 + per, n_tiles)
+    t0, t1 = _split_tiles(n_tiles, n_parts, pid_s)
     for t in range(t0, t1):
         loc = tl.cast(t, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = loc < n

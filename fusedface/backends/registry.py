@@ -5,7 +5,6 @@ import importlib
 
 import torch
 
-from .._env import triton_interpreted
 
 BACKENDS = ("reference", "torch", "native", "triton")
 BACKEND_NAMES = ("auto",) + BACKENDS
@@ -89,10 +88,9 @@ def resolve(backend: str, device: torch.device):
 
 
 def get(name: str, device: torch.device):
-    """The module of the fused backend ``name`` that :func:`resolve` already chose (a look-up and
-    a device check);
-    ``"auto"``, what a compiled graph passes (Dynamo does not trace imports), or ``"reference"``
-    (the sharded heads take any name) is resolved here for ``device``."""
+    """The module of the fused backend ``name`` that :func:`resolve` already chose (a look-up and a
+    device check); ``"auto"`` (what a compiled graph passes: Dynamo does not trace imports) or
+    ``"reference"`` (the sharded heads take any name) is resolved here for ``device``."""
     module = load(name) if name in _MODULES else None
     if module is None or not module.supports_device(device):
         name, module = resolve(name, device)
@@ -104,4 +102,4 @@ def get(name: str, device: torch.device):
 
 
 __all__ = ["BACKENDS", "BACKEND_NAMES", "available_backends", "resolve_name", "resolve", "get", "load", "loaded",
-           "check_name", "triton_interpreted"]
+           "check_name"]

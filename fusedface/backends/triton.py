@@ -525,9 +525,7 @@ def _per_row(m, B: int):
     return (m.reshape(1).expand(B) if m.dim() == 0 else m).contiguous()
 
 
-def step_applies(x: torch.Tensor, W: torch.Tensor) -> bool:
-    """Whether :func:`margin_step` runs this call (see :func:`applies`)."""
-    return applies(x, W)
+step_applies = applies  # the protocol's name: whether margin_step runs this call
 
 
 def margin_step(x, W, y, opts, m2, m3, want_stats: bool):
