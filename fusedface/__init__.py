@@ -4,7 +4,7 @@
 (``fusedface.functional``), the materialised references (``fusedface.reference``), the margin
 sources (``fusedface.margins``) and the OTFace transport term (``fusedface.otface``).
 """
-from . import functional, margins, otface, reference
+from . import functional, margins, optim, otface, reference
 from .backends import available_backends
 from ._validate import set_input_checks
 from .modules import (ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, KappaFace,
@@ -13,7 +13,7 @@ from .modules import (ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticC
 __version__ = "0.1.0"
 
 __all__ = [
-    "functional", "reference", "margins", "otface", "available_backends", "set_input_checks", "__version__",
+    "functional", "reference", "margins", "optim", "otface", "available_backends", "set_input_checks", "__version__",
     "MarginSoftmaxHead", "ArcFace", "CosFace", "CombinedMargin", "SphereFace", "ElasticArcFace",
     "ElasticCosFace", "KappaFace", "SVSoftmax", "MVSoftmax", "NPT", "OTFace",
 ]

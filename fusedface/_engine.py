@@ -40,7 +40,7 @@ import torch
 
 from typing import Optional
 
-from . import backends
+from . import _inbackward, backends
 from ._numerics import EPS_SIN2, compute_dtype, inverse_norms, nonfinite_centres, reduce_rows, row_margin
 from ._options import MarginOptions, NPTOptions
 
@@ -166,8 +166,10 @@ def npt_forward_rows(x, W, y, opts: NPTOptions, kernels, tile: int):
     return rows, (x, W, y_safe, xinv, winv, topi, hinge, valid)
 
 
-def npt_backward_grads(grad_rows, saved, opts: NPTOptions, need_dx: bool, need_dW: bool):
-    """NPT's sparse backward: only the ``k`` selected columns and the label column carry gradient."""
+def npt_backward_grads(grad_rows, saved, opts: NPTOptions, need_dx: bool, need_dW: bool, upd=None):
+    """NPT's sparse backward: only the ``k`` selected columns and the label column carry gradient.
+    ``upd``: an in-backward update (:mod:`fusedface._inbackward`) that takes ``dL/dW`` slice by slice
+    instead of a returned ``[C, D]`` gradient."""
     x, W, y_safe, xinv, winv, topi, hinge, valid = saved
     cdt = xinv.dtype
     gl = torch.where(valid, grad_rows.to(cdt), torch.zeros_like(xinv))
@@ -176,7 +178,12 @@ def npt_backward_grads(grad_rows, saved, opts: NPTOptions, need_dx: bool, need_d
     coef = 2.0 * opts.r ** 2 * gl[:, None] * ((hinge > 0) & found).to(cdt)  # [B, k] on c_bj
     cols = torch.cat([torch.where(found, topi, y_safe[:, None]), y_safe[:, None]], dim=1)  # [B, k+1]
     dc = torch.cat([coef, -coef.sum(dim=1, keepdim=True)], dim=1)  # the label column: −Σ coef
-    Gx, dW = sparse_column_grads(x, xinv, W, winv, cols, dc, need_dx, need_dW)
+    if upd is not None:
+        Gx, idx, val = sparse_column_contributions(x, xinv, W, winv, cols, dc, need_dx, True)
+        apply_sparse_in_slices(upd, idx, val, W.shape[0], W.shape[1], cdt)
+        dW = None
+    else:
+        Gx, dW = sparse_column_grads(x, xinv, W, winv, cols, dc, need_dx, need_dW)
     return (x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None), dW
 
 
@@ -186,31 +193,54 @@ def sparse_column_grads(x, xinv, W, winv, cols, dc, need_dx: bool, need_dW: bool
     ``cols [B, j]`` indexes rows of ``W``; ``dc [B, j]`` is ``dℓ/dc`` there. The clamp to
     ``[-1, 1]`` blocks columns whose raw cosine left it. Returns ``(Gx, dW)``: ``Gx = Σ_j dc·ŵ``
     in the accumulation dtype, before the x-side Jacobian (or None), and ``dL/dW`` in ``W``'s
-    dtype with its Jacobian applied (or None). Used by NPT's backward, single-process and sharded.
-    Bitwise reproducible without ``torch.use_deterministic_algorithms``: on CUDA ``index_add_``
-    uses atomics while ``index_put_(accumulate=True)`` sorts the indices and sums each class in
-    order; on CPU it is the other way round."""
+    dtype with its Jacobian applied (or None). Used by NPT's backward, single-process and sharded."""
+    Gx, idx, val = sparse_column_contributions(x, xinv, W, winv, cols, dc, need_dx, need_dW)
+    dW = None
+    if need_dW:
+        dW = scatter_rows(idx, val, W.shape[0], xinv.dtype).to(W.dtype)
+    return Gx, dW
+
+
+def sparse_column_contributions(x, xinv, W, winv, cols, dc, need_dx: bool, need_dW: bool):
+    """``(Gx or None, idx [B·j], val [B·j, D] or None)``: :func:`sparse_column_grads` before the
+    scatter of the per-(row, column) contributions to ``dL/dW`` into their rows ``idx``."""
     cdt = xinv.dtype
     Wg = W[cols].to(cdt)  # [B, j, D]
     wi = winv[cols]
     xh = x.to(cdt) * xinv[:, None]
     raw = torch.einsum("bd,bjd->bj", xh, Wg) * wi
     dc = dc * ((raw >= -1.0) & (raw <= 1.0)).to(cdt)
-    Gx = dW = None
+    Gx = val = None
     if need_dx:
         Gx = torch.einsum("bj,bjd->bd", dc * wi, Wg)
     if need_dW:
         wh = Wg * wi[..., None]
         Gw = dc[..., None] * xh[:, None, :]  # [B, j, D], one contribution per (row, column)
-        contrib = (Gw - (Gw * wh).sum(-1, keepdim=True) * wh) * wi[..., None]
-        acc = torch.zeros(W.shape, dtype=cdt if W.dtype != cdt else W.dtype, device=W.device)
-        idx, val = cols.reshape(-1), contrib.reshape(-1, W.shape[1])
-        if acc.is_cuda:
-            acc.index_put_((idx,), val, accumulate=True)
-        else:
-            acc.index_add_(0, idx, val)
-        dW = acc.to(W.dtype)
-    return Gx, dW
+        val = ((Gw - (Gw * wh).sum(-1, keepdim=True) * wh) * wi[..., None]).reshape(-1, W.shape[1])
+    return Gx, cols.reshape(-1), val
+
+
+def scatter_rows(idx, val, rows: int, dtype):
+    """``[rows, D]`` sums of ``val`` by row ``idx``, bitwise reproducible without
+    ``torch.use_deterministic_algorithms``: on CUDA ``index_add_`` uses atomics while
+    ``index_put_(accumulate=True)`` sorts the indices and sums each class in order; on CPU it is the
+    other way round."""
+    acc = torch.zeros(rows, val.shape[1], dtype=dtype, device=val.device)
+    if acc.is_cuda:
+        acc.index_put_((idx,), val.to(dtype), accumulate=True)
+    else:
+        acc.index_add_(0, idx, val.to(dtype))
+    return acc
+
+
+def apply_sparse_in_slices(upd, idx, val, C: int, D: int, dtype):
+    """In-backward update from per-(row, column) contributions (NPT): slice by slice, the rows
+    ``lo:hi`` get the sum of their contributions (zero for rows no column selected)."""
+    n = _inbackward.slice_rows(C, D)
+    for lo in range(0, C, n):
+        hi = min(lo + n, C)
+        sel = (idx >= lo) & (idx < hi)
+        upd.apply(lo, hi, scatter_rows(idx[sel] - lo, val[sel], hi - lo, dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,12 +263,14 @@ def _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index) 
 @torch.library.custom_op("fusedface::margin_softmax_fwd", mutates_args=())
 def margin_softmax_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m2: torch.Tensor, m3: torch.Tensor,
                        backend: str, scale: float, m1: float, theta_policy: str, negative: str, t: float,
-                       grad_mode: str, ignore_index: int, tile: int, keep_block: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       grad_mode: str, ignore_index: int, tile: int, keep_block: bool = False,
+                       optim_token: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rows [B], pred [B] i64, sv [B] i32, lse [B], f [B], slope [B], xinv [B], winv [C], block)``;
     the float outputs are in the accumulation dtype (fp32, fp64 when an input is fp64); ``block`` is
-    the kept ``[C, B]`` cosines with ``keep_block`` (backends with ``KEEPS_BLOCK``), else empty."""
+    the kept ``[C, B]`` cosines with ``keep_block`` (backends with ``KEEPS_BLOCK``), else empty.
+    ``optim_token``: the in-backward optimizer attached to ``W`` (:mod:`fusedface._inbackward`; 0: none),
+    used by the backward only."""
     opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index)
     kernels = backends.get(backend, x.device)
     if keep_block and not getattr(kernels, "KEEPS_BLOCK", False):
@@ -251,7 +283,8 @@ def margin_softmax_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m2: to
 
 
 @margin_softmax_fwd.register_fake
-def _(x, W, y, m2, m3, backend, scale, m1, theta_policy, negative, t, grad_mode, ignore_index, tile, keep_block=False):
+def _(x, W, y, m2, m3, backend, scale, m1, theta_policy, negative, t, grad_mode, ignore_index, tile, keep_block=False,
+      optim_token=0):
     cdt = compute_dtype(x, W)
     B, C = x.shape[0], W.shape[0]
     vec = [x.new_empty(B, dtype=cdt) for _ in range(5)]
@@ -295,17 +328,65 @@ def _margin_setup_context(ctx, inputs, output):
     rows, pred, sv, lse, f, slope, xinv, winv, block = output
     ctx.save_for_backward(x, W, y, lse, f, slope, xinv, winv, block)
     ctx.scalars = inputs[_MARGIN_SCALARS]
+    ctx.optim_token = inputs[15] if len(inputs) > 15 else 0
     ctx.mark_non_differentiable(pred, sv, lse, f, slope, xinv, winv, block)
 
 
 def _margin_backward(ctx, grad_rows, *_):
     need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dx or need_dW):
-        return (None,) * 15
+        return (None,) * 16
     x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
+    if need_dW and ctx.optim_token:
+        dx = margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block, ctx.scalars, need_dx,
+                                    ctx.optim_token)
+        return (dx, None) + (None,) * 14
     dx, dW = torch.ops.fusedface.margin_softmax_bwd(grad_rows, x, W, y, lse, f, slope, xinv, winv,
                                                     *ctx.scalars, int(need_dx), int(need_dW), block)
-    return (dx if need_dx else None, dW if need_dW else None) + (None,) * 13
+    return (dx if need_dx else None, dW if need_dW else None) + (None,) * 14
+
+
+def margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block, scalars, need_dx, token):
+    """The backward with an in-backward optimizer (:mod:`fusedface.optim`): ``dL/dW`` is formed one
+    class slice at a time by the backend's tile kernels and each slice is applied to ``W`` (in place)
+    before the next is formed; returns ``dL/dx`` (or None). Every slice's ``dL/dx`` part uses ``W``
+    before its own update. Memory: one ``[slice, D]`` gradient (:func:`fusedface._inbackward.slice_rows`)
+    and its update's temporaries, never a ``[C, D]`` one."""
+    backend, scale, m1, theta_policy, negative, t, grad_mode, ignore_index, tile = scalars
+    opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index)
+    kernels = backends.get(backend, x.device)
+    valid = y != ignore_index
+    y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
+    gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
+    dcy = target_column_grad(opts, f, lse, gl, slope)
+    block = block if block is not None and block.numel() else None
+    x = x.contiguous()
+    upd = _inbackward.begin(token)
+    Gx = apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels, tile, need_dx, block)
+    upd.finish()
+    return x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
+
+
+def apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels, tile, need_dx, block=None,
+                    index=None):
+    """Runs ``kernels.margin_backward`` over class slices of ``W`` (the rows the pass ran on) and hands
+    each slice's ``dL/dW`` to ``upd``: rows ``lo:hi`` of the parameter, or rows ``index[lo:hi]`` when
+    ``W`` is a gathered Partial FC sample. Returns ``Gx`` summed over the slices (or None)."""
+    C, D = W.shape
+    n = _inbackward.slice_rows(C, D)
+    Gx = None
+    for lo in range(0, C, n):
+        hi = min(lo + n, C)
+        yl = torch.where((y_lab >= lo) & (y_lab < hi), y_lab - lo, torch.full_like(y_lab, -1))
+        Gs, dWs = kernels.margin_backward(x, W[lo:hi], xinv, winv[lo:hi], yl, f, lse, gl, dcy, opts, min(tile, hi - lo),
+                                          need_dx, True, block=None if block is None else block[lo:hi])
+        if need_dx:
+            Gx = Gs if Gx is None else Gx.add_(Gs)
+        if index is None:
+            upd.apply(lo, hi, dWs)
+        else:
+            upd.apply_index(index[lo:hi], dWs)
+    return Gx
 
 
 margin_softmax_fwd.register_autograd(_margin_backward, setup_context=_margin_setup_context)
@@ -313,7 +394,7 @@ margin_softmax_fwd.register_autograd(_margin_backward, setup_context=_margin_set
 
 @torch.library.custom_op("fusedface::npt_fwd", mutates_args=())
 def npt_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, backend: str, delta: float, k: int, r: float,
-            ignore_index: int, tile: int
+            ignore_index: int, tile: int, optim_token: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rows [B], topi [B, k] i64, hinge [B, k], xinv [B], winv [C])`` (floats in the accumulation dtype)."""
     opts = NPTOptions(delta=delta, k=k, r=r, reduction="none", ignore_index=ignore_index)
@@ -323,7 +404,7 @@ def npt_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, backend: str, del
 
 
 @npt_fwd.register_fake
-def _(x, W, y, backend, delta, k, r, ignore_index, tile):
+def _(x, W, y, backend, delta, k, r, ignore_index, tile, optim_token=0):
     cdt = compute_dtype(x, W)
     B, C = x.shape[0], W.shape[0]
     return (x.new_empty(B, dtype=cdt), x.new_empty(B, k, dtype=torch.long), x.new_empty(B, k, dtype=cdt),
@@ -331,7 +412,8 @@ def _(x, W, y, backend, delta, k, r, ignore_index, tile):
 
 
 def _npt_setup_context(ctx, inputs, output):
-    x, W, y, backend, delta, k, r, ignore_index, tile = inputs
+    x, W, y, backend, delta, k, r, ignore_index, tile = inputs[:9]
+    ctx.optim_token = inputs[9] if len(inputs) > 9 else 0
     rows, topi, hinge, xinv, winv = output
     ctx.save_for_backward(x, W, y, topi, hinge, xinv, winv)
     ctx.opts = NPTOptions(delta=delta, k=k, r=r, reduction="none", ignore_index=ignore_index)
@@ -343,8 +425,14 @@ def _npt_backward(ctx, grad_rows, *_):
     valid = y != ctx.opts.ignore_index
     y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
     saved = (x, W, y_safe, xinv, winv, topi, hinge, valid)
-    dx, dW = npt_backward_grads(grad_rows, saved, ctx.opts, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-    return (dx, dW) + (None,) * 7
+    need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if need_dW and ctx.optim_token:
+        upd = _inbackward.begin(ctx.optim_token)
+        dx, _ = npt_backward_grads(grad_rows, saved, ctx.opts, need_dx, False, upd=upd)
+        upd.finish()
+        return (dx, None) + (None,) * 8
+    dx, dW = npt_backward_grads(grad_rows, saved, ctx.opts, need_dx, need_dW)
+    return (dx, dW) + (None,) * 8
 
 
 npt_fwd.register_autograd(_npt_backward, setup_context=_npt_setup_context)
@@ -374,18 +462,32 @@ def margin_softmax(x, W, y, opts: MarginOptions, m2, m3, backend: str, tile: int
     name, module = _resolved(backend, x.device)
     if module is None and name == "reference":
         raise ValueError("backend='reference' is the materialised oracle; fusedface.reference computes it")
-    if module is not None and not keep_block and hasattr(module, "margin_step") and module.step_applies(x, W):
-        return module.margin_step(x, W, y, opts, m2, m3, want_stats)
+    token = in_backward_token(W)
+    if (module is not None and not keep_block and hasattr(module, "margin_step") and module.step_applies(x, W)
+            and (not token or getattr(module, "STEP_IN_BACKWARD", False))):
+        return module.margin_step(x, W, y, opts, m2, m3, want_stats, **({"optim_token": token} if token else {}))
     B = x.shape[0]
     cdt = compute_dtype(x, W)
     rows, pred, sv, *_ = torch.ops.fusedface.margin_softmax_fwd(
         x, W, y, row_margin(m2, B, x.device, cdt), row_margin(m3, B, x.device, cdt), name, opts.scale, opts.m1,
-        opts.theta_policy, opts.negative, opts.t, opts.grad_mode, opts.ignore_index, tile, keep_block)
+        opts.theta_policy, opts.negative, opts.t, opts.grad_mode, opts.ignore_index, tile, keep_block, token)
     return reduce_rows(rows, y != opts.ignore_index, opts.reduction), pred, sv
+
+
+def in_backward_token(W) -> int:
+    """The token of the in-backward optimizer attached to ``W`` (0: none, or no ``dL/dW`` this call)."""
+    token = _inbackward.token_of(W)
+    if token and torch.compiler.is_compiling():
+        raise _inbackward.InBackwardError(
+            "torch.compile of a step whose head has an in-backward optimizer (fusedface.optim): the update mutates W "
+            "inside the backward, which a compiled graph cannot hold; compile the backbone only, or use a "
+            "torch.optim optimizer for W")
+    return token
 
 
 def npt_loss(x, W, y, opts: NPTOptions, backend: str, tile: int):
     """Fused NPT-Loss of the public API (inputs already checked), reduced by ``opts.reduction``."""
     name, _ = _resolved(backend, x.device)
-    rows = torch.ops.fusedface.npt_fwd(x, W, y, name, opts.delta, opts.k, opts.r, opts.ignore_index, tile)[0]
+    rows = torch.ops.fusedface.npt_fwd(x, W, y, name, opts.delta, opts.k, opts.r, opts.ignore_index, tile,
+                                       in_backward_token(W))[0]
     return reduce_rows(rows, y != opts.ignore_index, opts.reduction)

@@ -15,6 +15,7 @@ from torch import nn
 from . import backends
 from . import functional as FF
 from . import margins as M
+from .optim import mark_head_weight
 from .otface import ot_triplet_loss
 from ._options import MarginOptions, NPTOptions
 from ._validate import check_embeddings_and_centres, check_labels
@@ -38,6 +39,7 @@ class _ClassCentres(nn.Module):
         if isinstance(backend, str) and backend in backends.FUSED:
             backends.load(backend)  # imported now, eagerly: a step compiled later finds it (Dynamo does not import)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        mark_head_weight(self.weight)  # the parameter an in-backward optimizer (fusedface.optim) may drive
         self.last_accuracy: torch.Tensor | None = None
         self.last_sv_fraction: torch.Tensor | None = None
         self.reset_parameters()

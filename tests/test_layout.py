@@ -125,7 +125,7 @@ def test_the_oracle_imports_only_torch_math_and_the_options():
 BACKEND_MODULES = [n for n in MODULES if n.startswith("fusedface.backends.") and n != "fusedface.backends.registry"]
 FORBIDDEN = {"fusedface._engine", "fusedface.reference", "fusedface._validate", "fusedface.backends",
              "fusedface.backends.registry", "fusedface.functional", "fusedface.modules", "fusedface.margins",
-             "fusedface.distributed"}
+             "fusedface.distributed", "fusedface.optim"}
 
 
 @pytest.mark.parametrize("name", BACKEND_MODULES)
