@@ -38,8 +38,10 @@ def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torc
 def nonfinite_centres(W: torch.Tensor, winv: torch.Tensor) -> torch.Tensor:
     """Per row of ``W``: whether the centre holds a NaN or an Inf (its ``winv`` is NaN, or an entry is
     infinite), i.e. whether the reference's ``F.normalize`` makes it NaN. A finite row whose norm
-    overflows (``winv = 0``) is not one: the reference normalises it to a finite vector. O(C·D)."""
-    return torch.isnan(winv) | torch.isinf(W).any(dim=1)
+    overflows (``winv = 0``) is not one: the reference normalises it to a finite vector. O(C·D) reads,
+    O(C) memory: the max-abs norm per row is a reduction (``torch.isinf(W).any(1)`` would build a
+    ``[C, D]`` bool and an fp32 ``|W|``, 1.25× the size of an fp32 ``W``, at every step)."""
+    return torch.isnan(winv) | torch.isinf(torch.linalg.vector_norm(W, ord=float("inf"), dim=1))
 
 
 def inverse_norms(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
