@@ -1,0 +1,109 @@
+"""The memory model of one training step of a class matrix (docs/memory.md): what each device holds
+for ``W``, its optimizer state, its gradient, the fused pass's buffers and, when sharded, the
+gathered embeddings — dense (``torch.optim`` on ``W.grad``) or in-backward (:mod:`fusedface.optim`).
+
+Every term is a formula of the code it describes (the slice of :mod:`fusedface._inbackward`, the
+tile budget of the engine, the temporaries of ``torch.optim``'s single-tensor/foreach update);
+``bench/optim_memory.py --check`` holds the model to measured peaks. Bytes throughout.
+
+    >>> from fusedface.memory_model import per_device
+    >>> per_device(C=10_000_000, D=512, B=128, world=8, optimizer="sgd", in_backward=True)["total"] / 2**30
+"""
+from __future__ import annotations
+
+from ._inbackward import SLICE_BYTES, slice_rows
+
+MIB = 2**20
+GIB = 2**30
+
+# working set of the fused pass besides O(C) vectors, per backend (the engine's tile budget for the
+# torch backend; the per-thread L2-sized tile buffers of the native CPU backend; the hybrid's
+# chunk buffer of the Triton backend on fp32 inputs, its partials on 16-bit ones)
+PASS_BUFFER = {"torch": 32 * MIB, "native": 2 * MIB, "triton": 32 * MIB}
+
+
+def state_buffers(optimizer: str, momentum: float = 0.9) -> int:
+    """Tensors of ``W``'s shape the optimizer keeps: SGD 1 with momentum (0 without), AdamW 2."""
+    if optimizer == "sgd":
+        return 1 if momentum else 0
+    if optimizer == "adamw":
+        return 2
+    if optimizer in (None, "none"):
+        return 0
+    raise ValueError(f"optimizer must be 'sgd', 'adamw' or 'none', got {optimizer!r}")
+
+
+def update_temporaries(optimizer: str, *, weight_decay: bool = True, nesterov: bool = False) -> int:
+    """Tensors of the updated rows' shape that ``torch.optim``'s update allocates (and the in-backward
+    update per slice, which runs the same ops): SGD ``d_p = g + wd·p`` (1 with weight decay) and
+    ``d_p + momentum·buf`` (1 with Nesterov); AdamW ``sqrt(v)`` and its division (2)."""
+    if optimizer == "sgd":
+        return int(weight_decay) + int(nesterov)
+    if optimizer == "adamw":
+        return 2
+    return 0
+
+
+def per_device(*, C: int, D: int, B: int, world: int = 1, optimizer: str = "sgd", in_backward: bool = True,
+               momentum: float = 0.9, nesterov: bool = False, weight_decay: bool = True, w_bytes: int = 4,
+               state_bytes: int | None = None, backend: str = "triton", sample_rate: float | None = None) -> dict:
+    """Bytes one device holds at the peak of a step, by term, and ``total``.
+
+    ``C`` global classes over ``world`` devices (balanced shards), ``B`` rows per device (the pass
+    runs on the gathered global batch ``B·world`` when sharded), ``w_bytes``/``state_bytes`` the
+    element sizes of ``W`` and of the state (None: ``W``'s). ``sample_rate``: Partial FC (the pass
+    runs on a gathered copy of the sampled rows; dense mode's gradient is still ``[C_local, D]``).
+    """
+    state_bytes = w_bytes if state_bytes is None else state_bytes
+    c = -(-C // world)  # the largest shard
+    rows = c if sample_rate is None else max(1, int(sample_rate * c))
+    Bg = B * world
+    t = {}
+    t["W"] = c * D * w_bytes
+    t["state"] = state_buffers(optimizer, momentum) * c * D * state_bytes
+    temps = update_temporaries(optimizer, weight_decay=weight_decay, nesterov=nesterov and optimizer == "sgd")
+    if in_backward:
+        n = slice_rows(rows, D)
+        t["gradient"] = n * D * 4  # one fp32 slice of dL/dW
+        t["update"] = temps * n * D * 4
+    else:
+        t["gradient"] = c * D * w_bytes  # W.grad (Partial FC too: index_select's backward is dense)
+        t["update"] = temps * c * D * w_bytes
+    t["sample"] = 0 if sample_rate is None else rows * D * w_bytes  # W.index_select(0, index)
+    t["pass"] = PASS_BUFFER.get(backend, 32 * MIB)
+    t["per_class"] = (2 * 4 + 2) * rows  # winv and the max-abs norms (fp32), two bool flags per class
+    t["embeddings"] = 3 * Bg * D * 4 if world > 1 else 2 * Bg * D * 4  # gathered x, Σ dℓ/dc·ŵ, dL/dx
+    # the peak: in-backward, everything at once inside the backward; dense, the larger of the backward
+    # (W.grad being filled while the pass runs) and torch.optim's step (W.grad and its temporaries)
+    held = t["W"] + t["state"]
+    during_pass = t["gradient"] + t["sample"] + t["pass"] + t["per_class"] + t["embeddings"]
+    if in_backward:
+        t["total"] = held + during_pass + t["update"]
+    else:
+        t["total"] = held + max(during_pass, t["gradient"] + t["update"])
+    return t
+
+
+def step_extra_bytes(*, C: int, D: int, B: int, optimizer: str, in_backward: bool, momentum: float = 0.9,
+                     w_bytes: int = 4, backend: str = "native", **kw) -> int:
+    """Bytes of one step beyond ``W`` and the optimizer state (what ``bench/optim_memory.py`` measures)."""
+    t = per_device(C=C, D=D, B=B, optimizer=optimizer, in_backward=in_backward, momentum=momentum,
+                   w_bytes=w_bytes, backend=backend, **kw)
+    return t["total"] - t["W"] - t["state"]
+
+
+def table(sizes=(1_000_000, 10_000_000, 29_000_000, 100_000_000), worlds=(1, 8), *, D: int = 512, B: int = 128,
+          optimizer: str = "sgd") -> list[dict]:
+    """Rows of docs/memory.md's table: GiB per device for each size, world, state dtype and mode."""
+    out = []
+    for C in sizes:
+        for world in worlds:
+            for sb, sname in ((4, "fp32"), (2, "bf16")):
+                for ib in (False, True):
+                    t = per_device(C=C, D=D, B=B, world=world, optimizer=optimizer, in_backward=ib, state_bytes=sb)
+                    out.append({"C": C, "world": world, "state": sname, "mode": "in-backward" if ib else "dense",
+                                **{k: v / GIB for k, v in t.items()}})
+    return out
+
+
+__all__ = ["per_device", "step_extra_bytes", "table", "state_buffers", "update_temporaries", "SLICE_BYTES"]
