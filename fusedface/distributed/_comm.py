@@ -225,6 +225,14 @@ class Comm:
         dist.broadcast_object_list(box, src=self._global_rank(src), group=self.group)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order (checkpoints only: not recorded)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier(group=self.group)

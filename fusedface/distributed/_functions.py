@@ -22,7 +22,11 @@ Rank ``r`` of ``R`` owns the classes ``[lo, hi)`` of the contiguous balanced lay
    shard with the global ``lse`` and the target-column gradient ``dcy`` on owned rows (0
    elsewhere) gives this shard's ``dL/dW`` (it never leaves the rank) and a partial ``Σ_k
    dℓ/dc_bk·ŵ_k``; the x-side Jacobian is linear, so each rank applies it to its partial and a
-   reduce-scatter sums the partials and hands each rank its own rows.
+   reduce-scatter sums the partials and hands each rank its own rows. With an in-backward
+   optimizer (:mod:`fusedface.optim`) attached to the shard, ``dL/dW`` is formed one class slice
+   at a time and each slice is applied to the shard before the next is formed
+   (:func:`fusedface._engine.apply_in_slices`): every slice's part of ``dL/dx`` uses its rows
+   before their update, and no ``[C_local, D]`` gradient exists.
 
 NPT (SPEC §4) replaces 3–4 by a streaming top-k on the shard, an all-gather of the ``k`` local
 candidates per row (O(B·k·R)) and a local top-k of the ``R·k`` candidates; its sparse backward
@@ -31,7 +35,10 @@ runs on the ranks that own the selected columns and the label column.
 Partial FC (``sample_rate``) keeps, on each rank, every class of its shard that is a label in the
 global batch plus random others up to ``sample_rate·C_local``, runs the same pass on
 ``W_shard[index]`` (an autograd ``index_select``: the gradient lands in the full shard's ``.grad``,
-so any optimiser works) with the labels remapped into the sample.
+so any optimiser works) with the labels remapped into the sample. An in-backward optimizer updates
+the shard's rows ``index`` from the sample's gradient slices (``sparse=True``: only those rows and
+their state change, each with its own step count; ``sparse=False``: the other rows then get the
+update of a zero gradient, ``torch.optim``'s dense semantics).
 """
 from __future__ import annotations
 
@@ -39,9 +46,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import backends
+from .. import _inbackward, backends
 from .. import margins as M
-from .._engine import choose_tile, sparse_column_grads, target_column_grad, target_transform, x_jacobian
+from .._engine import (apply_in_slices, choose_tile, scatter_rows, sparse_column_contributions, sparse_column_grads,
+                       target_column_grad, target_transform, x_jacobian)
 from .._numerics import compute_dtype, inverse_norms, nonfinite_centres, reduce_rows, row_margin
 from .._options import MarginOptions, NPTOptions
 from .._validate import check_embeddings_and_centres, check_label_tensor, check_labels, check_row_margins
@@ -182,6 +190,7 @@ class _Plan:
     slope: torch.Tensor | None = None
     c_y: torch.Tensor | None = None  # NPT
     stats: bool = False
+    optim_token: int = 0  # the in-backward optimizer of the shard (fusedface.optim; 0: none)
 
     def global_ids(self, local_cols: torch.Tensor) -> torch.Tensor:
         cols = local_cols if self.index is None else self.index[local_cols]
@@ -217,6 +226,7 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
     batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
     B, device = batch.B, x.device
     m2, m3 = check_row_margins(m2, m3, B, device)
+    token = _inbackward.token_of(W)  # of the shard parameter, not of the Partial FC copy below
     W_used, index, y_sub = _columns(comm, batch, W, sample_rate, sample_generator)
     cdt = compute_dtype(x, W)
     with torch.no_grad():
@@ -255,7 +265,7 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
         f, slope = target_transform(raw_y, opts, row_margin(m2, B, device, cdt), row_margin(m3, B, device, cdt))
     tile = choose_tile(B, x.shape[1], W_used.shape[0], None, tile_size)
     plan = _Plan(comm, batch, kernels, tile, cdt, x.dtype, y_sub, index, xinv, winv, float(embedding_grad_scale),
-                 opts=opts, f=f, slope=slope, stats=bool(stats))
+                 opts=opts, f=f, slope=slope, stats=bool(stats), optim_token=token)
     return W_used, plan
 
 
@@ -327,10 +337,45 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
         dcy = torch.where(plan.y_sub >= 0, dcy, torch.zeros_like(dcy))  # the label column lives on its owner
         if not (need_dx or need_dW):
             return None, None, None
+        if need_dW and plan.optim_token:
+            # the in-backward optimizer (fusedface.optim): this shard's dL/dW slice by slice, each slice
+            # applied to the shard (rows index[lo:hi] for a Partial FC sample) after its part of dL/dx
+            # was formed with the rows before their update
+            upd = _inbackward.begin(plan.optim_token)
+            Gx = apply_in_slices(upd, plan.batch.x_all, Wc, plan.y_sub, plan.xinv, plan.winv, plan.f, lse, gl, dcy,
+                                 opts, plan.kernels, plan.tile, need_dx, index=plan.index)
+            _finish_update(upd, plan)
+            dx = _scatter_dx(plan, Gx) if need_dx else None
+            return dx, None, None
         Gx, dW = plan.kernels.margin_backward(plan.batch.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, plan.f, lse,
                                               gl, dcy, opts, plan.tile, need_dx, need_dW)
         dx = _scatter_dx(plan, Gx) if need_dx else None
         return dx, (dW if need_dW else None), None
+
+
+def _finish_update(upd, plan: _Plan) -> None:
+    """Closes a shard's in-backward update. With a Partial FC sample and ``sparse=False`` (the dense
+    semantics of ``torch.optim``), the rows of the shard outside the sample get the update of a zero
+    gradient (weight decay, momentum), as ``torch.optim`` gives the zero rows of the dense gradient."""
+    if plan.index is not None and not upd.sparse:
+        upd.apply_rows_without_grad(plan.index)
+    upd.finish()
+
+
+def _apply_sparse_rows(upd, plan: _Plan, idx, val, C: int, D: int, dtype) -> None:
+    """In-backward update from per-(row, column) contributions ``val`` to the columns ``idx`` of the
+    ``C`` columns the pass ran on (NPT): slice by slice, each column gets the sum of its contributions
+    (zero for columns nothing selected); the columns are the shard's rows, or its rows ``plan.index``
+    under Partial FC (:func:`fusedface._engine.apply_sparse_in_slices` with the sample's index)."""
+    n = _inbackward.slice_rows(C, D)
+    for lo in range(0, C, n):
+        hi = min(lo + n, C)
+        sel = (idx >= lo) & (idx < hi)
+        g = scatter_rows(idx[sel] - lo, val[sel], hi - lo, dtype)
+        if plan.index is None:
+            upd.apply(lo, hi, g)
+        else:
+            upd.apply_index(plan.index[lo:hi], g)
 
 
 def margin_softmax_loss(x, W_shard, y, *, num_classes, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
@@ -400,6 +445,7 @@ def npt_plan(comm: Comm, x, W, y, opts: NPTOptions, *, num_classes, backend="aut
                          f"num_classes={num_classes}; use k <= {num_classes - 1}")
     kernels = backends.get(backend, x.device)
     batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
+    token = _inbackward.token_of(W)
     W_used, index, y_sub = _columns(comm, batch, W, sample_rate, sample_generator)
     cdt = compute_dtype(x, W)
     with torch.no_grad():
@@ -409,7 +455,7 @@ def npt_plan(comm: Comm, x, W, y, opts: NPTOptions, *, num_classes, backend="aut
         c_y = comm.all_reduce(_owner_cosines(batch, Wd, y_sub, xinv, winv, cdt).clamp(-1.0, 1.0), "sum")
     tile = choose_tile(batch.B, x.shape[1], W_used.shape[0], None, tile_size)
     plan = _Plan(comm, batch, kernels, tile, cdt, x.dtype, y_sub, index, xinv, winv, float(embedding_grad_scale),
-                 opts=opts, c_y=c_y)
+                 opts=opts, c_y=c_y, optim_token=token)
     return W_used, plan
 
 
@@ -477,6 +523,14 @@ class NPTShardFunction(torch.autograd.Function):
         cols = torch.cat([local, plan.y_sub.clamp(min=0)[:, None]], dim=1)  # [B, k+1] columns of Wc
         dc = torch.cat([torch.where(own, coef, torch.zeros_like(coef)), dcy[:, None]], dim=1)
         # the sparse backward of fusedface._engine.npt_backward_grads, on the columns this rank owns
+        if need_dW and plan.optim_token:
+            # in-backward optimizer: dL/dx from the rows before any update, then the update slice by slice
+            upd = _inbackward.begin(plan.optim_token)
+            Gx, idx, val = sparse_column_contributions(b.x_all, plan.xinv, Wc, plan.winv, cols, dc, need_dx, True)
+            _apply_sparse_rows(upd, plan, idx, val, Wc.shape[0], Wc.shape[1], cdt)
+            _finish_update(upd, plan)
+            dx = _scatter_dx(plan, Gx) if need_dx else None
+            return dx, None, None
         Gx, dW = sparse_column_grads(b.x_all, plan.xinv, Wc, plan.winv, cols, dc, need_dx, need_dW)
         dx = _scatter_dx(plan, Gx) if need_dx else None
         return dx, dW, None

@@ -17,6 +17,11 @@ The head holds a single-process head of the same class over its own classes as `
 buffers are those of the single-process head. ``forward(embeddings, labels)`` takes this rank's
 rows and returns the loss of the global batch, the same on every rank. Every rank must call
 ``forward`` and ``backward`` in the same order (they run collectives).
+
+``fusedface.optim.SGD(head.parameters(), ...)`` / ``AdamW`` work as on the single-process heads:
+each rank's backward applies the update to its own shard, slice by slice (``W.grad`` is never
+allocated); with Partial FC, ``sparse=True`` updates only the sampled rows and ``sparse=False``
+keeps ``torch.optim``'s dense semantics (docs/distributed.md, "In-backward optimizer").
 """
 from __future__ import annotations
 
@@ -220,17 +225,20 @@ class ShardedHead(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def full_state_dict(self, dst: int = 0):
+    def full_state_dict(self, dst: int = 0, optimizer=None):
         """The state of the whole head on rank ``dst`` (None on the others): the ``state_dict`` of
-        the single-process head over all ``num_classes`` (loadable into it). See
-        :mod:`fusedface.distributed.checkpoint` for per-shard files."""
+        the single-process head over all ``num_classes`` (loadable into it). With ``optimizer``:
+        ``(state, optimizer_state)`` (``(None, None)`` on the others), the second the ``state_dict``
+        of that optimizer over the single-process head. See :mod:`fusedface.distributed.checkpoint`
+        for per-shard files."""
         from .checkpoint import full_state_dict
-        return full_state_dict(self, dst)
+        return full_state_dict(self, dst, optimizer=optimizer)
 
-    def load_full_state_dict(self, state: dict) -> None:
-        """Load a full (single-process) state, each rank taking its own classes."""
+    def load_full_state_dict(self, state: dict, optimizer=None, optimizer_state: dict | None = None) -> None:
+        """Load a full (single-process) state, each rank taking its own classes (and, with
+        ``optimizer`` and ``optimizer_state``, its classes of the optimizer's state)."""
         from .checkpoint import load_full_state_dict
-        load_full_state_dict(self, state)
+        load_full_state_dict(self, state, optimizer=optimizer, optimizer_state=optimizer_state)
 
     def extra_repr(self) -> str:
         lo, hi = self.class_range
