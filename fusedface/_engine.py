@@ -336,17 +336,18 @@ def _margin_backward(ctx, grad_rows, *_):
     need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dx or need_dW):
         return (None,) * 16
-    x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
     if need_dW and ctx.optim_token:
-        dx = margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block, ctx.scalars, need_dx,
-                                    ctx.optim_token)
+        upd = _inbackward.begin(ctx.optim_token)  # (first: a second backward is refused before W is read)
+        x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
+        dx = margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block, ctx.scalars, need_dx, upd)
         return (dx, None) + (None,) * 14
+    x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
     dx, dW = torch.ops.fusedface.margin_softmax_bwd(grad_rows, x, W, y, lse, f, slope, xinv, winv,
                                                     *ctx.scalars, int(need_dx), int(need_dW), block)
     return (dx if need_dx else None, dW if need_dW else None) + (None,) * 14
 
 
-def margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block, scalars, need_dx, token):
+def margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block, scalars, need_dx, upd):
     """The backward with an in-backward optimizer (:mod:`fusedface.optim`): ``dL/dW`` is formed one
     class slice at a time by the backend's tile kernels and each slice is applied to ``W`` (in place)
     before the next is formed; returns ``dL/dx`` (or None). Every slice's ``dL/dx`` part uses ``W``
@@ -361,7 +362,6 @@ def margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block,
     dcy = target_column_grad(opts, f, lse, gl, slope)
     block = block if block is not None and block.numel() else None
     x = x.contiguous()
-    upd = _inbackward.begin(token)
     Gx = apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels, tile, need_dx, block)
     upd.finish()
     return x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
@@ -421,13 +421,13 @@ def _npt_setup_context(ctx, inputs, output):
 
 
 def _npt_backward(ctx, grad_rows, *_):
+    need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    upd = _inbackward.begin(ctx.optim_token) if need_dW and ctx.optim_token else None
     x, W, y, topi, hinge, xinv, winv = ctx.saved_tensors
     valid = y != ctx.opts.ignore_index
     y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
     saved = (x, W, y_safe, xinv, winv, topi, hinge, valid)
-    need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if need_dW and ctx.optim_token:
-        upd = _inbackward.begin(ctx.optim_token)
+    if upd is not None:
         dx, _ = npt_backward_grads(grad_rows, saved, ctx.opts, need_dx, False, upd=upd)
         upd.finish()
         return (dx, None) + (None,) * 8
