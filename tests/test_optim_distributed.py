@@ -535,3 +535,21 @@ def test_checkpoint_torch_optim_state_loads_into_inbackward_optimizer(tmp_path):
     with pytest.raises(ValueError, match="without optimizer state"):
         FD.save_sharded(head, tmp_path / "bare")
         FD.load_sharded(other, tmp_path / "bare", optimizer=fopt)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("rate", [None, SAMPLE_RATE])
+def test_second_backward_before_step_is_refused(family, rate):
+    """retain_graph and a second backward before step(): the in-backward optimizer's error (the
+    update cannot accumulate), before the updated shard is read, and W stays as the first backward left it."""
+    kw = {} if rate is None else dict(sample_rate=rate, sample_generator=torch.Generator().manual_seed(0))
+    head = _sharded(family, "torch", **kw)
+    opt = ff.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    x, y = _batch(0)
+    loss = head(x.clone().requires_grad_(True), y)
+    loss.backward(retain_graph=True)
+    after = head.weight.detach().clone()
+    with pytest.raises(ff.optim.InBackwardError, match="second backward"):
+        loss.backward()
+    assert torch.equal(head.weight, after)
+    opt.step()

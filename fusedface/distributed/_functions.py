@@ -329,19 +329,21 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, _gp, _gs):
         plan = ctx.plan
+        need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # the in-backward optimizer first: a second backward before its step() is refused before the
+        # shard it updated is read (the saved W would fail autograd's version check)
+        upd = _inbackward.begin(plan.optim_token) if need_dW and plan.optim_token else None
         Wc, lse = ctx.saved_tensors
         opts = plan.opts
-        need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gl = _mean_upstream(plan, grad_rows)
         dcy = target_column_grad(opts, plan.f, lse, gl, plan.slope)
         dcy = torch.where(plan.y_sub >= 0, dcy, torch.zeros_like(dcy))  # the label column lives on its owner
         if not (need_dx or need_dW):
             return None, None, None
-        if need_dW and plan.optim_token:
+        if upd is not None:
             # the in-backward optimizer (fusedface.optim): this shard's dL/dW slice by slice, each slice
             # applied to the shard (rows index[lo:hi] for a Partial FC sample) after its part of dL/dx
             # was formed with the rows before their update
-            upd = _inbackward.begin(plan.optim_token)
             Gx = apply_in_slices(upd, plan.batch.x_all, Wc, plan.y_sub, plan.xinv, plan.winv, plan.f, lse, gl, dcy,
                                  opts, plan.kernels, plan.tile, need_dx, index=plan.index)
             _finish_update(upd, plan)
@@ -506,9 +508,10 @@ class NPTShardFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         plan = ctx.plan
-        Wc, topg, hinge = ctx.saved_tensors
         b, opts, cdt = plan.batch, plan.opts, plan.cdt
         need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        upd = _inbackward.begin(plan.optim_token) if need_dW and plan.optim_token else None  # first, as above
+        Wc, topg, hinge = ctx.saved_tensors
         gl = _mean_upstream(plan, grad_rows)
         if not (need_dx or need_dW):
             return None, None, None
@@ -523,9 +526,8 @@ class NPTShardFunction(torch.autograd.Function):
         cols = torch.cat([local, plan.y_sub.clamp(min=0)[:, None]], dim=1)  # [B, k+1] columns of Wc
         dc = torch.cat([torch.where(own, coef, torch.zeros_like(coef)), dcy[:, None]], dim=1)
         # the sparse backward of fusedface._engine.npt_backward_grads, on the columns this rank owns
-        if need_dW and plan.optim_token:
+        if upd is not None:
             # in-backward optimizer: dL/dx from the rows before any update, then the update slice by slice
-            upd = _inbackward.begin(plan.optim_token)
             Gx, idx, val = sparse_column_contributions(b.x_all, plan.xinv, Wc, plan.winv, cols, dc, need_dx, True)
             _apply_sparse_rows(upd, plan, idx, val, Wc.shape[0], Wc.shape[1], cdt)
             _finish_update(upd, plan)
