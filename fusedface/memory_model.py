@@ -7,7 +7,10 @@ tile budget of the engine, the temporaries of ``torch.optim``'s single-tensor/fo
 ``bench/optim_memory.py --check`` holds the model to measured peaks. Bytes throughout.
 
     >>> from fusedface.memory_model import per_device
-    >>> per_device(C=10_000_000, D=512, B=128, world=8, optimizer="sgd", in_backward=True)["total"] / 2**30
+    >>> round(per_device(C=10_000_000, D=512, B=128, world=8, optimizer="sgd", in_backward=True)["total"] / 2**30, 2)
+    4.83
+
+``python -m fusedface.memory_model`` prints the table of docs/memory.md.
 """
 from __future__ import annotations
 
@@ -98,12 +101,26 @@ def table(sizes=(1_000_000, 10_000_000, 29_000_000, 100_000_000), worlds=(1, 8),
     out = []
     for C in sizes:
         for world in worlds:
-            for sb, sname in ((4, "fp32"), (2, "bf16")):
-                for ib in (False, True):
-                    t = per_device(C=C, D=D, B=B, world=world, optimizer=optimizer, in_backward=ib, state_bytes=sb)
-                    out.append({"C": C, "world": world, "state": sname, "mode": "in-backward" if ib else "dense",
-                                **{k: v / GIB for k, v in t.items()}})
+            # torch.optim keeps the state in W's dtype: a bf16 state is the in-backward optimizer's option
+            for ib, sb, sname in ((False, 4, "fp32"), (True, 4, "fp32"), (True, 2, "bf16")):
+                t = per_device(C=C, D=D, B=B, world=world, optimizer=optimizer, in_backward=ib, state_bytes=sb)
+                out.append({"C": C, "world": world, "state_dtype": sname, "mode": "in-backward" if ib else "dense",
+                            **{k: v / GIB for k, v in t.items()}})
     return out
+
+
+def main() -> None:
+    """Prints docs/memory.md's table with every term (GiB per device)."""
+    for opt in ("sgd", "adamw"):
+        print(f"{opt}: D=512, 128 rows per device, fp32 W; GiB per device")
+        for r in table(optimizer=opt):
+            terms = ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k not in ("C", "world", "state_dtype", "mode", "total"))
+            print(f"  C={r['C']:>11,} devices={r['world']} {r['mode']:>11} {r['state_dtype']} state: total {r['total']:.2f}"
+                  f"  ({terms})")
+
+
+if __name__ == "__main__":
+    main()
 
 
 __all__ = ["per_device", "step_extra_bytes", "table", "state_buffers", "update_temporaries", "SLICE_BYTES"]

@@ -156,18 +156,25 @@ class _InBackward(torch.optim.Optimizer):
                 p.grad = None
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As ``torch.optim``'s, then the state is put back in each group's ``state_dtype`` (torch.optim
-        casts floating state to the parameter's dtype) and the per-row step counts to int32."""
+        """As ``torch.optim``'s, except that the state keeps each group's ``state_dtype`` and the per-row
+        step counts stay int32: ``torch.optim`` casts floating state to the parameter's dtype, which
+        for a bf16 ``W`` would round an fp32 state and counts above 256; so they are converted here
+        from the tensors as saved."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                sdt = self._state_dtype(group, p)
-                for k, v in list(st.items()):
-                    if k == "row_step":
-                        st[k] = v.to(torch.int32)
-                    elif k != "step" and torch.is_tensor(v) and v.is_floating_point():
-                        st[k] = v.to(sdt)
+        for pid, p in zip(saved_ids, params):
+            if pid not in saved_state:
+                continue
+            group = self._group_of(p)
+            sdt = self._state_dtype(group, p)
+            st = self.state[p]
+            for k, v in saved_state[pid].items():
+                if k == "row_step":
+                    st[k] = v.to(device=p.device, dtype=torch.int32)
+                elif k != "step" and torch.is_tensor(v) and v.is_floating_point():
+                    st[k] = v.to(device=p.device, dtype=sdt)
         self._pending.clear()
 
 

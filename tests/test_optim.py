@@ -381,3 +381,47 @@ def test_no_dense_gradient_is_formed(monkeypatch):
     opt = fusedface.optim.SGD(head.parameters(), lr=0.1)
     _one_backward(head, opt)
     assert seen and max(seen) <= 128 and sum(seen) == C
+
+
+# ----------------------------------------------------------------------- the memory model
+
+def test_the_documented_table_is_the_model():
+    """docs/memory.md's table (SGD) is what fusedface.memory_model computes."""
+    import os
+    import re
+
+    from fusedface.memory_model import GIB, per_device
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "memory.md")).read()
+    rows = re.findall(r"^\| (\d+)M \| (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
+    assert len(rows) == 8
+    for millions, world, dense, ib32, ib16 in rows:
+        kw = dict(C=int(millions) * 10**6, D=512, B=128, world=int(world), optimizer="sgd")
+        got = [per_device(**kw, in_backward=False)["total"], per_device(**kw, in_backward=True)["total"],
+               per_device(**kw, in_backward=True, state_bytes=2)["total"]]
+        assert [round(g / GIB, 2) for g in got] == [float(dense), float(ib32), float(ib16)], (millions, world)
+
+
+def test_the_model_counts_w_grad_only_when_dense():
+    from fusedface.memory_model import per_device
+
+    dense = per_device(C=10**6, D=128, B=256, optimizer="sgd", in_backward=False)
+    ib = per_device(C=10**6, D=128, B=256, optimizer="sgd", in_backward=True)
+    assert dense["gradient"] == 10**6 * 128 * 4 and ib["gradient"] <= _inbackward.SLICE_BYTES
+    assert dense["total"] - ib["total"] > 0.9 * 2 * 10**6 * 128 * 4  # W.grad and the weight-decay temporary
+
+
+def test_loading_keeps_an_fp32_state_and_row_counts_of_a_bf16_w():
+    """torch.optim casts the loaded state to W's dtype; fusedface.optim keeps ``state_dtype`` and the
+    int32 per-row step counts (1.0001 and 301 are not bf16 numbers)."""
+    torch.manual_seed(0)
+    head = fusedface.ArcFace(D, C, backend="torch", dtype=torch.bfloat16)
+    opt = fusedface.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, state_dtype=torch.float32)
+    buf = torch.full((C, D), 1.0001)
+    sd = {"state": {0: {"step": torch.tensor(3.0), "momentum_buffer": buf,
+                        "row_step": torch.full((C,), 301, dtype=torch.int32)}},
+          "param_groups": opt.state_dict()["param_groups"]}
+    opt.load_state_dict(sd)
+    st = opt.state[head.weight]
+    assert st["momentum_buffer"].dtype == torch.float32 and torch.equal(st["momentum_buffer"], buf)
+    assert st["row_step"].dtype == torch.int32 and int(st["row_step"][0]) == 301
