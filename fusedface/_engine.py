@@ -233,14 +233,20 @@ def scatter_rows(idx, val, rows: int, dtype):
     return acc
 
 
-def apply_sparse_in_slices(upd, idx, val, C: int, D: int, dtype):
-    """In-backward update from per-(row, column) contributions (NPT): slice by slice, the rows
-    ``lo:hi`` get the sum of their contributions (zero for rows no column selected)."""
+def apply_sparse_in_slices(upd, idx, val, C: int, D: int, dtype, index=None):
+    """In-backward update from per-(row, column) contributions (NPT): slice by slice, the columns
+    ``lo:hi`` of the ``C`` the pass ran on get the sum of their contributions (zero for columns no
+    row selected); they are the parameter's rows ``lo:hi``, or its rows ``index[lo:hi]`` when the
+    pass ran on a gathered Partial FC sample."""
     n = _inbackward.slice_rows(C, D)
     for lo in range(0, C, n):
         hi = min(lo + n, C)
         sel = (idx >= lo) & (idx < hi)
-        upd.apply(lo, hi, scatter_rows(idx[sel] - lo, val[sel], hi - lo, dtype))
+        g = scatter_rows(idx[sel] - lo, val[sel], hi - lo, dtype)
+        if index is None:
+            upd.apply(lo, hi, g)
+        else:
+            upd.apply_index(index[lo:hi], g)
 
 
 # ---------------------------------------------------------------------------------------------

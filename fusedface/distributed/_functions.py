@@ -48,7 +48,8 @@ import torch
 
 from .. import _inbackward, backends
 from .. import margins as M
-from .._engine import (apply_in_slices, choose_tile, scatter_rows, sparse_column_contributions, sparse_column_grads,
+from .._engine import (apply_in_slices, apply_sparse_in_slices, choose_tile, sparse_column_contributions,
+                       sparse_column_grads,
                        target_column_grad, target_transform, x_jacobian)
 from .._numerics import compute_dtype, inverse_norms, nonfinite_centres, reduce_rows, row_margin
 from .._options import MarginOptions, NPTOptions
@@ -364,22 +365,6 @@ def _finish_update(upd, plan: _Plan) -> None:
     upd.finish()
 
 
-def _apply_sparse_rows(upd, plan: _Plan, idx, val, C: int, D: int, dtype) -> None:
-    """In-backward update from per-(row, column) contributions ``val`` to the columns ``idx`` of the
-    ``C`` columns the pass ran on (NPT): slice by slice, each column gets the sum of its contributions
-    (zero for columns nothing selected); the columns are the shard's rows, or its rows ``plan.index``
-    under Partial FC (:func:`fusedface._engine.apply_sparse_in_slices` with the sample's index)."""
-    n = _inbackward.slice_rows(C, D)
-    for lo in range(0, C, n):
-        hi = min(lo + n, C)
-        sel = (idx >= lo) & (idx < hi)
-        g = scatter_rows(idx[sel] - lo, val[sel], hi - lo, dtype)
-        if plan.index is None:
-            upd.apply(lo, hi, g)
-        else:
-            upd.apply_index(plan.index[lo:hi], g)
-
-
 def margin_softmax_loss(x, W_shard, y, *, num_classes, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
                         negative="none", t=0.0, grad_mode="exact", reduction="mean", ignore_index=-1, backend="auto",
                         tile_size=None, group=None, sample_rate=None, sample_generator=None, batch_sizes=None,
@@ -529,7 +514,7 @@ class NPTShardFunction(torch.autograd.Function):
         if upd is not None:
             # in-backward optimizer: dL/dx from the rows before any update, then the update slice by slice
             Gx, idx, val = sparse_column_contributions(b.x_all, plan.xinv, Wc, plan.winv, cols, dc, need_dx, True)
-            _apply_sparse_rows(upd, plan, idx, val, Wc.shape[0], Wc.shape[1], cdt)
+            apply_sparse_in_slices(upd, idx, val, Wc.shape[0], Wc.shape[1], cdt, index=plan.index)
             _finish_update(upd, plan)
             dx = _scatter_dx(plan, Gx) if need_dx else None
             return dx, None, None
