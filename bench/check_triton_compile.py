@@ -83,7 +83,12 @@ def _variants():
 
 
 STEP_KERNELS = ("step_fwd", "step_dw", "step_prologue", "step_merge", "step_reduce", "step_dx", "hybrid_fwd",
-                "hybrid_bwd")
+                "hybrid_bwd", "optim_update")
+# the dW kernel with the in-backward optimizer's update in its epilogue (fusedface.optim): tag -> (constexprs,
+# state dtype or None for W's); "adamw16": bf16 state beside an fp32 W (state_dtype=torch.bfloat16)
+OPTIM_VARIANTS = {"sgd": (dict(OPTIM=1, MOMENTUM=1), None), "adamw": (dict(OPTIM=2, MOMENTUM=0), None),
+                  "adamw16": (dict(OPTIM=2, MOMENTUM=0), "bf16")}
+NO_OPTIM = dict(OPTIM=0, MOMENTUM=0, ROUND_BITS=0)
 
 
 def _step_variants():
@@ -95,6 +100,7 @@ def _step_variants():
     for (arch, kern), cfg in sorted(TS.STEP_CONFIGS.items()):
         base = kern.split("_")[0]
         mixed = kern.endswith("_mixed")
+        optim_cfg = kern.endswith("_optim")  # the dW config of the in-backward optimizer's epilogue only
         # the layout flags as a launch at D = 512 sets them (the launcher's own rule)
         layout = TS.fwd_flags(cfg, 512) if base == "fwd" else TS.dw_flags(cfg, 512)
         if kern.endswith("_split"):  # the forward's config under FUSEDFACE_TRITON_SPLIT_GRAD=1
@@ -107,10 +113,18 @@ def _step_variants():
         for dt, wdt in pairs:
             common = dict(NEGATIVE=1, W_CAST=int(wdt != dt), SPLIT=0, RESCALE=int(dt == "fp16"), UPCAST=0,
                           PRECISION="ieee", wdt=wdt, **layout)
-            flags = dict(common, COUNT_SV=1, NEED_DX=1) if base == "fwd" else dict(common, PER_ROW=0)
-            out.append((arch, "step_" + base, cfg, dt, flags))
-            if base == "dw":  # the opt-in split runs on the same config
+            flags = dict(common, COUNT_SV=1, NEED_DX=1) if base == "fwd" else dict(common, PER_ROW=0, **NO_OPTIM)
+            if not optim_cfg:
+                out.append((arch, "step_" + base, cfg, dt, flags))
+            if base == "dw" and not optim_cfg:  # the opt-in split runs on the same config
                 out.append((arch, "step_" + base, cfg, dt, dict(flags, SPLIT=1, tag="split")))
+            if base == "dw" and (optim_cfg or (arch, "dw_optim") not in TS.STEP_CONFIGS):
+                # the in-backward optimizer's epilogue (SGD with momentum, AdamW; bf16 state for the mixed W),
+                # and AdamW behind the split, on the arch's "dw_optim" config where it has one
+                for tag, (ce, sdt) in OPTIM_VARIANTS.items():
+                    if sdt is None or wdt == "fp32":
+                        out.append((arch, "step_dw", cfg, dt, dict(flags, **ce, sdt=sdt or wdt, tag=tag)))
+                out.append((arch, "step_dw", cfg, dt, dict(flags, SPLIT=1, OPTIM=2, sdt=wdt, tag="sp-adam")))
     from fusedface.backends.triton_tiles import LaunchConfig
     small = LaunchConfig(TS._row_block(512), 0, 0, 512, num_warps=TS.SMALL_WARPS, num_stages=1)
     for arch in ("sm80", "sm90"):
@@ -123,11 +137,21 @@ def _step_variants():
         out.append((arch, "step_reduce", LaunchConfig(1024, 0, 0, 0), "fp32", dict(MEAN=1, wdt="fp32")))
         out.append((arch, "hybrid_fwd", TS.EPI, "fp32", dict(NEGATIVE=1, COUNT_SV=1, wdt="fp32")))
         out.append((arch, "hybrid_bwd", TS.EPI_BWD, "fp32", dict(NEGATIVE=1, PER_ROW=0, wdt="fp32")))
+        # the hybrid's update (fusedface.optim): fp32 W and state, and bf16 W (16-bit heads under 16,384 classes)
+        upd = LaunchConfig(TS.OPTIM_ROWS, 0, 0, 128, num_warps=4, num_stages=1)
+        for wdt, tag, ce in (("fp32", "sgd", dict(OPTIM=1, MOMENTUM=1)), ("fp32", "adamw", dict(OPTIM=2, MOMENTUM=0)),
+                             ("bf16", "adamw", dict(OPTIM=2, MOMENTUM=0))):
+            out.append((arch, "optim_update", upd, "fp32", dict(ce, ROUND_BITS=0, wdt=wdt, sdt=wdt, tag=tag)))
     return out
 
 
-def _step_signature(kern: str, dt: str, wdt: str):
+HYPER = dict(wd="fp32", momentum="fp32", damp1="fp32", neg_lr="fp32", first="i32", nesterov="i32", decay="fp32",
+             lerp_w="fp32", beta2="fp32", w2="fp32", neg_step="fp32", bc2_sqrt="fp32", eps="fp32")
+
+
+def _step_signature(kern: str, dt: str, wdt: str, sdt: str):
     x, w, f, i64, i32 = DTYPES[dt], DTYPES[wdt], "*fp32", "*i64", "i32"
+    s = DTYPES[sdt]
     ints = dict(B=i32, C=i32, D=i32, stride_x=i32, stride_w=i32)
     sc = dict(scale="fp32", sv_a="fp32", sv_b="fp32")
     parts = dict(m_ptr=f, l_ptr=f, best_ptr=f, arg_ptr=i64, sv_ptr="*i32")
@@ -136,7 +160,11 @@ def _step_signature(kern: str, dt: str, wdt: str):
         return dict(x_ptr=x, w_ptr=w, xinv_ptr=f, f_ptr=f, ylab_ptr=i64, winv_ptr=f, **parts, e_ptr=f, **ints,
                     n_splits=i32, **sc)
     if kern == "step_dw":
-        return dict(x_ptr=x, w_ptr=w, **rowv, dw_ptr=w, **ints, stride_dw=i32, **sc)
+        return dict(x_ptr=x, w_ptr=w, **rowv, dw_ptr=w, s1_ptr=s, s2_ptr=s, **ints, stride_dw=i32, stride_s=i32, **sc,
+                    **HYPER)
+    if kern == "optim_update":
+        return dict(g_ptr=f, w_ptr=w, s1_ptr=s, s2_ptr=s, n_rows=i32, D=i32, stride_g=i32, stride_w=i32, stride_s=i32,
+                    **HYPER)
     if kern == "step_prologue":
         return dict(x_ptr=x, w_ptr=w, y_ptr=i64, m2_ptr=f, m3_ptr=f, xinv_ptr=f, f_ptr=f, slope_ptr=f, ylab_ptr=i64,
                     **ints, ignore_index=i32, m1="fp32", m2_val="fp32", m3_val="fp32")
@@ -157,7 +185,7 @@ def _step_signature(kern: str, dt: str, wdt: str):
 def _step_meta(kern: str, cfg) -> dict:
     if kern in ("step_fwd", "step_dw"):
         return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d)
-    if kern in ("step_prologue", "step_dx", "step_merge"):
+    if kern in ("step_prologue", "step_dx", "step_merge", "optim_update"):
         return dict(BLOCK_R=cfg.block_m, BLOCK_D=cfg.block_d)
     if kern == "step_reduce":
         return dict(BLOCK=cfg.block_m)
@@ -195,9 +223,10 @@ def compile_one(job):
     step = kern in STEP_KERNELS
     fn = getattr(margin_step, kern + "_kernel") if step else _KERNELS[kern]
     wdt = flags.get("wdt", dt)
-    flags = {k: v for k, v in flags.items() if k not in ("tag", "wdt")}
+    sdt = flags.get("sdt") or wdt
+    flags = {k: v for k, v in flags.items() if k not in ("tag", "wdt", "sdt")}
     consts = dict(flags, **(_step_meta(kern, cfg) if step else cfg.meta()))
-    sig = _step_signature(kern, dt, wdt) if step else _signature(kern, dt)
+    sig = _step_signature(kern, dt, wdt, sdt) if step else _signature(kern, dt)
     full = {}
     for name in fn.arg_names:
         full[name] = "constexpr" if name in consts else sig[name]
@@ -205,7 +234,7 @@ def compile_one(job):
     assert not missing, missing
     # a launch at B = D = 512 specialises pointers and 16-divisible ints
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if full[n].startswith("*") or n in ("B", "D", "stride_x", "stride_w", "stride_dw")}
+             if full[n].startswith("*") or n in ("B", "D", "stride_x", "stride_w", "stride_dw", "stride_s", "stride_g")}
     t0 = time.time()
     src = ASTSource(fn=fn, signature=full, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -227,12 +256,14 @@ def compile_one(job):
     reg, stack, _, local = (int(g) for g in m.groups())
     # the hot dots of the default path's 16-bit kernels on sm_90 must be warpgroup MMA (no mma.sync)
     hot = step and kern in ("step_fwd", "step_dw") and arch == 90 and dt in ("bf16", "fp16")
-    return dict(kernel=kern, arch=f"sm_{arch}", dtype=dt + ("/W " + wdt if wdt != dt else ""),
+    return dict(kernel=kern, arch=f"sm_{arch}",
+                dtype=dt + ("/W " + wdt if wdt != dt else "") + ("/S " + sdt if sdt != wdt else ""),
                 tag=job[4].get("tag", ""),
                 config=f"M{cfg.block_m} N{cfg.block_n} K{cfg.block_k}" + (f" D{cfg.block_d}" if cfg.block_d else "")
                 + f" w{cfg.num_warps} s{cfg.num_stages}",
                 flags=" ".join(f"{a}={b}" for a, b in flags.items() if a in ("PRECISION", "SPLIT_DC", "ATOMIC", "RESIDENT",
-                                                                             "GRAD_T", "K", "SPLIT", "T_DOT", "T_RECOMP")),
+                                                                             "GRAD_T", "K", "SPLIT", "T_DOT", "T_RECOMP",
+                                                                             "OPTIM")),
                 hgmma=hgmma, hmma=hmma, wgmma_required=hot, wgmma_ok=(not hot) or (hgmma > 0 and hmma == 0),
                 registers=reg, spill_bytes=stack + local, shared=int(k.metadata.shared),
                 shared_limit=SMEM_LIMIT[arch], seconds=round(time.time() - t0, 1))
@@ -257,7 +288,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # a compile error is a failure, reported with its job
                 failed.append((j, f"{type(exc).__name__}: {exc}"))
     rows.sort(key=lambda r: (r["arch"], r["kernel"], r["dtype"], r["tag"], r["flags"]))
-    hdr = (f"{'kernel':<13} {'arch':<6} {'dtype':<12} {'variant':<7} {'config':<26} {'flags':<40} {'regs':>4} "
+    hdr = (f"{'kernel':<13} {'arch':<6} {'dtype':<19} {'variant':<7} {'config':<26} {'flags':<40} {'regs':>4} "
            f"{'spill':>5} {'smem KiB':>9} {'limit':>6} {'HGMMA':>6} {'HMMA':>5}  ok")
     print(hdr)
     print("-" * len(hdr))
@@ -265,7 +296,7 @@ def main(argv=None) -> int:
     for r in rows:
         ok = r["spill_bytes"] == 0 and r["shared"] <= r["shared_limit"] and r["wgmma_ok"]
         bad += not ok
-        print(f"{r['kernel']:<13} {r['arch']:<6} {r['dtype']:<12} {r['tag'] or 'default':<7} {r['config']:<26} "
+        print(f"{r['kernel']:<13} {r['arch']:<6} {r['dtype']:<19} {r['tag'] or 'default':<7} {r['config']:<26} "
               f"{r['flags']:<40} {r['registers']:>4} {r['spill_bytes']:>5} {r['shared'] / 1024:>9.1f} "
               f"{r['shared_limit'] // 1024:>6} {r['hgmma']:>6} {r['hmma']:>5}  {'yes' if ok else 'NO'}")
     for j, err in failed:

@@ -614,12 +614,15 @@ def step_reduce_kernel(rows_ptr, ylab_ptr, loss_ptr, wscale_ptr, B, MEAN: tl.con
 @triton.jit
 def step_dw_kernel(
     x_ptr, w_ptr, xinv_ptr, winv_ptr, ylab_ptr, f_ptr, lse_ptr, slope_ptr, g_ptr, wscale_ptr,
-    dw_ptr,
-    B, C, D, stride_x, stride_w, stride_dw,
+    dw_ptr, s1_ptr, s2_ptr,
+    B, C, D, stride_x, stride_w, stride_dw, stride_s,
     scale, sv_a, sv_b,
+    wd, momentum, damp1, neg_lr, first, nesterov,
+    decay, lerp_w, beta2, w2, neg_step, bc2_sqrt, eps,
     NEGATIVE: tl.constexpr, PER_ROW: tl.constexpr, W_CAST: tl.constexpr, SPLIT: tl.constexpr,
     RESCALE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, GRAD_T: tl.constexpr,
     RESIDENT: tl.constexpr, T_RECOMP: tl.constexpr,
+    OPTIM: tl.constexpr, MOMENTUM: tl.constexpr, ROUND_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Class-stationary backward (grid: class tiles × feature chunks): one recompute of each tile, then
@@ -635,7 +638,13 @@ def step_dw_kernel(
     dots — the only streamed operand is ``x``, one read per row block, so the L2 traffic per FLOP falls
     with ``BLOCK_N`` (``2·BLOCK_N`` FLOP per byte of ``x``). ``T_RECOMP`` (with ``RESIDENT``): the
     recompute runs class-major (``W_tile · x_blockᵀ``), so a 32-row block still has 64 classes on the
-    M side of the warpgroup MMA and the ``[BLOCK_D, BLOCK_N]`` accumulator leaves room for 64 classes."""
+    M side of the warpgroup MMA and the ``[BLOCK_D, BLOCK_N]`` accumulator leaves room for 64 classes.
+
+    ``OPTIM`` (the in-backward optimizer, ``fusedface.optim``): 0 stores ``dW`` in ``dw_ptr``; 1 (SGD) and
+    2 (AdamW) apply the update to the class tile instead (:func:`_optim_apply`: ``W`` and the state
+    rows ``s1``/``s2``, row stride ``stride_s``, updated in place; ``dw_ptr`` unused). Safe because the
+    grid has one feature chunk (``BLOCK_D >= D``, the launcher asserts it): no other program reads this
+    tile of ``W``, and ``step_dx_kernel`` (which reads ``W[y]``) is launched before this kernel."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     lane = tl.arange(0, BLOCK_N)
@@ -704,11 +713,20 @@ def step_dw_kernel(
     if GRAD_T:
         gw = tl.trans(gw)
     mask = col_ok[:, None] & d_ok[None, :]
-    wd = tl.load(w_tile + lane[:, None] * stride_w + dcols[None, :], mask=mask, other=0.0)
-    wd = _to_input(wd, x_ptr.dtype.element_ty, W_CAST, UPCAST).to(tl.float32)
-    dw = (gw - r[:, None] * winv[:, None] * wd) * winv[:, None]
-    tl.store(dw_ptr + cols64[:, None] * stride_dw + dcols[None, :], _cast(dw, dw_ptr.dtype.element_ty, UPCAST),
-             mask=mask)
+    w_in = tl.load(w_tile + lane[:, None] * stride_w + dcols[None, :], mask=mask, other=0.0)
+    w_in = _to_input(w_in, x_ptr.dtype.element_ty, W_CAST, UPCAST).to(tl.float32)
+    dw = (gw - r[:, None] * winv[:, None] * w_in) * winv[:, None]
+    if OPTIM == 0:
+        tl.store(dw_ptr + cols64[:, None] * stride_dw + dcols[None, :], _cast(dw, dw_ptr.dtype.element_ty, UPCAST),
+                 mask=mask)
+    else:
+        # the update of this class tile (one feature chunk: d32 covers D); int32 offsets within the tile
+        d32 = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        s_off = lane[:, None] * stride_s + d32[None, :]
+        _optim_apply(dw, w_tile + lane[:, None] * stride_w + d32[None, :], s1_ptr + base * stride_s + s_off,
+                     s2_ptr + base * stride_s + s_off, mask,
+                     wd, momentum, damp1, neg_lr, first, nesterov, decay, lerp_w, beta2, w2, neg_step, bc2_sqrt,
+                     eps, OPTIM, MOMENTUM, ROUND_BITS)
 
 
 @triton.jit
@@ -822,3 +840,77 @@ def hybrid_bwd_kernel(
         r += tl.sum(dc * raw, axis=0)
         tl.store(buf_ptr + at, dc * winv[None, :], mask=ok)
     tl.store(coef_ptr + loc, -r * winv * winv, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# the in-backward optimizer's update (fusedface.optim): one helper for the dW epilogue and the hybrid
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _optim_apply(g, w_ptrs, s1_ptrs, s2_ptrs, mask,
+                 wd, momentum, damp1, neg_lr, first, nesterov,
+                 decay, lerp_w, beta2, w2, neg_step, bc2_sqrt, eps,
+                 OPTIM: tl.constexpr, MOMENTUM: tl.constexpr, ROUND_BITS: tl.constexpr):
+    """``torch.optim``'s update of one tile of ``W`` from its gradient, in fp32 registers, op for op as
+    ``torch.optim.SGD``'s / ``torch.optim.AdamW``'s single-tensor code (``fusedface._inbackward``):
+    ``g`` the fp32 gradient (rounded here to ``W``'s dtype, as the dense path stores it); loads ``W``
+    and the state rows in their dtypes and stores them back rounded (``ROUND_BITS``: bf16 rounded on
+    the bits, as the interpreter's cast truncates).
+
+    ``OPTIM == 1`` (SGD): ``d = g + wd·p``; with ``MOMENTUM``: ``buf = d`` on the first step (``first``),
+    else ``momentum·buf + (1 − dampening)·d``; ``d = d + momentum·buf`` (``nesterov``) or ``buf``;
+    ``p += (−lr)·d``. ``OPTIM == 2`` (AdamW): ``p *= 1 − lr·wd``; ``m = lerp(m, g, 1 − β1)``;
+    ``v = β2·v + ((1 − β2)·g)·g``; ``p += (−lr/bc1)·m / (√v / √bc2 + eps)``. The host folds the scalars
+    (``damp1 = 1 − dampening``, ``neg_lr``, ``decay = 1 − lr·wd``, ``lerp_w = 1 − β1``, ``w2 = 1 − β2``,
+    ``neg_step = −lr/bc1``, ``bc2_sqrt``) in Python floats as ``torch.optim`` does; the square root
+    and the divisions round to nearest (``sqrt_rn``/``div_rn``), as ``torch``'s CUDA kernels.
+
+    Register pressure (this runs in the dW kernel's epilogue, whose accumulator fills half the register
+    file): at most three fp32 tiles are live. AdamW forms ``v`` and its denominator first, then ``m``
+    (``g`` dies), and loads ``W`` last; SGD needs ``W`` first (weight decay)."""
+    w_ty = w_ptrs.dtype.element_ty
+    g = _cast(g, w_ty, ROUND_BITS).to(tl.float32)
+    if OPTIM == 1:
+        p = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+        d = g + wd * p
+        if MOMENTUM:
+            buf = tl.load(s1_ptrs, mask=mask, other=0.0).to(tl.float32)
+            buf = tl.where(first != 0, d, buf * momentum + damp1 * d)
+            tl.store(s1_ptrs, _cast(buf, s1_ptrs.dtype.element_ty, ROUND_BITS), mask=mask)
+            d = tl.where(nesterov != 0, d + momentum * buf, buf)
+        p = p + neg_lr * d
+    else:
+        v = tl.load(s2_ptrs, mask=mask, other=0.0).to(tl.float32)
+        v = v * beta2 + (w2 * g) * g
+        tl.store(s2_ptrs, _cast(v, s2_ptrs.dtype.element_ty, ROUND_BITS), mask=mask)
+        denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        m = tl.load(s1_ptrs, mask=mask, other=0.0).to(tl.float32)
+        diff = g - m
+        m = tl.where(lerp_w < 0.5, m + lerp_w * diff, g - diff * (1.0 - lerp_w))  # torch's lerp, both branches
+        tl.store(s1_ptrs, _cast(m, s1_ptrs.dtype.element_ty, ROUND_BITS), mask=mask)
+        p = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) * decay
+        p = p + tl.math.div_rn(neg_step * m, denom)
+    tl.store(w_ptrs, _cast(p, w_ty, ROUND_BITS), mask=mask)
+
+
+@triton.jit
+def optim_update_kernel(
+    g_ptr, w_ptr, s1_ptr, s2_ptr,
+    n_rows, D, stride_g, stride_w, stride_s,
+    wd, momentum, damp1, neg_lr, first, nesterov,
+    decay, lerp_w, beta2, w2, neg_step, bc2_sqrt, eps,
+    OPTIM: tl.constexpr, MOMENTUM: tl.constexpr, ROUND_BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The hybrid's update: rows ``0 … n_rows`` of ``W`` (and of the state) from their fp32 gradient
+    ``g [n_rows, D]`` (one class chunk's ``dL/dW``, formed by cuBLAS), elementwise
+    (grid: row blocks × feature blocks), with :func:`_optim_apply`."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows64 = rows.to(tl.int64)
+    dcols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (dcols < D)[None, :]
+    g = tl.load(g_ptr + rows64[:, None] * stride_g + dcols[None, :], mask=mask, other=0.0)
+    s_off = rows64[:, None] * stride_s + dcols[None, :]
+    _optim_apply(g, w_ptr + rows64[:, None] * stride_w + dcols[None, :], s1_ptr + s_off, s2_ptr + s_off, mask,
+                 wd, momentum, damp1, neg_lr, first, nesterov, decay, lerp_w, beta2, w2, neg_step, bc2_sqrt, eps,
+                 OPTIM, MOMENTUM, ROUND_BITS)

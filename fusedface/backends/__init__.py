@@ -18,7 +18,9 @@ None unless the backend has ``KEEPS_BLOCK`` and the engine asked for it):
 ``npt_forward(x, W, xinv, winv, y, k, tile) -> (values, index)``
 
 and, optionally, a whole training step that replaces the engine's route where it applies:
-``step_applies(x, W) -> bool`` and ``margin_step(x, W, y, opts, m2, m3, want_stats) -> (loss, pred, sv)``.
+``step_applies(x, W) -> bool`` and ``margin_step(x, W, y, opts, m2, m3, want_stats) -> (loss, pred, sv)``;
+with ``STEP_IN_BACKWARD = True`` the step also takes ``optim_token=`` (an in-backward optimizer,
+:mod:`fusedface.optim`, whose update its backward applies; without it the engine's route runs such calls).
 """
 from .registry import (BACKEND_NAMES, BACKENDS, FUSED, available_backends, check_name, get, load, loaded,  # noqa: F401
                        resolve, resolve_name)

@@ -24,6 +24,11 @@ Paths (``docs/perf.md`` has the design, its roofline and the estimates):
 * fp64 inputs, ``FUSEDFACE_TRITON_PATH=legacy``, the sharded heads and NPT keep the earlier
   three-kernel design (``fusedface/backends/triton_tiles.py``) through the engine.
 
+In-backward optimizer (``fusedface.optim``, ``STEP_IN_BACKWARD``): with ``optim_token`` the backward
+applies the optimizer's update instead of returning ``dL/dW`` — in the dW kernel's epilogue (fused,
+launched after ``dL/dx``), per class chunk with ``optim_update_kernel`` (hybrid), or through
+``Update.apply`` per slice where the kernels do not cover it (docs/triton.md).
+
 Environment (read at each call):
 
 * ``FUSEDFACE_TRITON_PATH=auto|fused|hybrid|legacy`` — force a path (``fused`` where it applies).
@@ -46,6 +51,7 @@ from typing import Optional
 import torch
 import triton
 
+from .. import _inbackward
 from .._env import env_choice, env_flag, triton_interpreted
 from .._numerics import inverse_norms
 from ..triton_kernels import margin_step as K
@@ -54,6 +60,7 @@ from .triton_tiles import margin_backward, margin_forward, npt_forward  # noqa: 
 
 name = "triton"
 KEEPS_BLOCK = False
+STEP_IN_BACKWARD = True  # margin_step takes optim_token: the step's backward applies fusedface.optim's update
 
 
 def supports_device(device) -> bool:
@@ -74,6 +81,11 @@ STEP_CONFIGS: dict[tuple[str, str], LaunchConfig] = {
     # dW: 32-class tiles with W streamed in K chunks and x's row block cached in L1 for the gradient
     # product (254 registers, 0 spills); keeping the W tile resident fits only 16 classes (2x the x traffic)
     ("sm90", "dw"): C_(64, 32, 64, 512, num_warps=8, num_stages=1, grad_t=True, resident=False),
+    # dW with the in-backward optimizer's update in its epilogue (fusedface.optim): at 32 classes the
+    # update's tiles (W, state, fp32) spill up to 480 bytes beside the [512, 32] accumulator (fp32 W,
+    # AdamW); at 16 classes 225-238 registers, 0 spills, all warpgroup MMA (not timed on a GPU: twice the
+    # x traffic of the 32-class tile, against the saved write of dW and the optimizer's own pass over it)
+    ("sm90", "dw_optim"): C_(64, 16, 64, 512, num_warps=8, num_stages=2, grad_t=True, resident=False),
     ("sm90", "fwd_split"): C_(64, 16, 64, 512, num_warps=8, num_stages=2, resident=False),
     ("sm80", "fwd"): C_(64, 16, 64, 512, num_warps=8, num_stages=1, resident=False),
     ("sm80", "fwd_mixed"): C_(64, 16, 32, 512, num_warps=8, num_stages=1, resident=False),
@@ -352,11 +364,19 @@ def step_forward(x, W, y, m2, m3, m2f, m3f, scale, m1, theta_policy, grad_mode, 
 # ----------------------------------------------------------------------------------------------
 
 def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, scale, sv_a, sv_b, negative,
-                  per_row, need_dx, need_dW):
-    """``(dL/dx in x's dtype or None, dL/dW in W's dtype or None)``."""
+                  per_row, need_dx, need_dW, upd=None):
+    """``(dL/dx in x's dtype or None, dL/dW in W's dtype or None)``.
+
+    ``upd``: an in-backward update (:mod:`fusedface._inbackward`, ``fusedface.optim``): ``dL/dW`` is not
+    returned (None) but applied to ``W`` and its state in place — in the dW kernel's epilogue (fused
+    path), or per class chunk by ``optim_update_kernel`` (hybrid path), or slice by slice through
+    ``upd.apply`` where the kernels do not cover the update (:func:`_optim_kernel_args`). Every part of
+    ``dL/dx`` is formed from ``W`` before its update: the fused path launches ``step_dx_kernel`` before
+    the dW kernel; the hybrid adds each chunk's ``dL/dx`` product and forms its ``dW`` before updating it."""
     B, D = x.shape
     C = W.shape[0]
     dev = x.device
+    param = W
     x, W = _unit_stride(x, W)
     grad = grad.contiguous()
     path = choose_path(x, W)
@@ -364,18 +384,10 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
     common = dict(NEGATIVE=int(negative), PER_ROW=int(per_row))
     dx = dW = None
     R = _row_block(D)
+    need_dW = need_dW or upd is not None
+    opt = _optim_kernel_args(upd, param, W) if upd is not None else None
     if path == "fused":
-        if need_dW:
-            cfg = _fit(_config("dw", dev, "_split" if fl["SPLIT"] else ""), D)
-            dW = torch.empty(W.shape, dtype=W.dtype, device=dev)
-            _launch(K.step_dw_kernel, (triton.cdiv(C, cfg.block_n), 1),
-                    x, W, xinv, winv, ylab, f, lse, slope, grad, wscale, dW, B, C, D,
-                    x.stride(0), W.stride(0), dW.stride(0), float(scale), float(sv_a), float(sv_b),
-                    W_CAST=fl["W_CAST"], SPLIT=fl["SPLIT"], RESCALE=fl["RESCALE"], UPCAST=fl["UPCAST"],
-                    PRECISION="ieee", **dw_flags(cfg, D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                    BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages, **common)
-        if need_dx:
+        if need_dx:  # first: it reads W[y], which the dW kernel may update
             if ebar.numel() == 0:
                 raise RuntimeError("backend='triton': dL/dx was not prepared by the forward (x did not require "
                                    "grad when the loss was computed); compute the loss with x.requires_grad_(True)")
@@ -384,9 +396,41 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
                     x, W, xinv, ylab, f, lse, slope, grad, wscale, ebar, dx, B, D, x.stride(0), W.stride(0),
                     float(scale), PER_ROW=int(per_row), GX_GIVEN=0, W_CAST=fl["W_CAST"], UPCAST=fl["UPCAST"],
                     BLOCK_R=R, BLOCK_D=_dp(D), num_warps=SMALL_WARPS, num_stages=1)
+        if need_dW:
+            cfg = _fit(_config("dw", dev, "_optim" if opt is not None else ("_split" if fl["SPLIT"] else "")), D)
+            # one feature chunk: each program owns its class tile of W (the in-backward update relies on it)
+            assert cfg.block_d >= D, (cfg.block_d, D)
+
+            def dw_launch(Ws, winv_s, ylab_s, out, optim):
+                sc, ce, s1, s2, stride_s = optim
+                _launch(K.step_dw_kernel, (triton.cdiv(Ws.shape[0], cfg.block_n), 1),
+                        x, Ws, xinv, winv_s, ylab_s, f, lse, slope, grad, wscale, out, s1, s2, B, Ws.shape[0], D,
+                        x.stride(0), Ws.stride(0), out.stride(0), stride_s, float(scale), float(sv_a), float(sv_b),
+                        **sc, W_CAST=fl["W_CAST"], SPLIT=fl["SPLIT"], RESCALE=fl["RESCALE"], UPCAST=fl["UPCAST"],
+                        PRECISION="ieee", **dw_flags(cfg, D), **ce, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                        BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages, **common)
+
+            if upd is None:
+                dW = torch.empty(W.shape, dtype=W.dtype, device=dev)
+                dw_launch(W, winv, ylab, dW, (_NO_OPTIM, dict(OPTIM=0, MOMENTUM=0, ROUND_BITS=0), dW, dW, 0))
+            elif opt is not None:  # the update in the dW kernel's epilogue (W is the parameter itself)
+                dw_launch(W, winv, ylab, W, opt)
+                _applied(upd, C)
+            else:  # what the kernels do not cover: dL/dW slice by slice, each slice through upd.apply
+                n = _inbackward.slice_rows(C, D)
+                for lo in range(0, C, n):
+                    hi = min(lo + n, C)
+                    yl = torch.where((ylab >= lo) & (ylab < hi), ylab - lo,
+                                     torch.where(ylab == -1, ylab, torch.full_like(ylab, -2)))  # -2: valid, not here
+                    g = torch.empty((hi - lo, D), dtype=W.dtype, device=dev)
+                    dw_launch(W[lo:hi], winv[lo:hi], yl, g, (_NO_OPTIM, dict(OPTIM=0, MOMENTUM=0, ROUND_BITS=0), g,
+                                                            g, 0))
+                    upd.apply(lo, hi, g)
         return dx, dW
     # hybrid: per chunk, recompute (cuBLAS), epilogue (dℓ/dc·winv in place, Jacobian coefficient),
-    # dL/dx += buf·W_c and dW_c = coef·W_c + bufᵀ·x̂ (cuBLAS)
+    # dL/dx += buf·W_c and dW_c = coef·W_c + bufᵀ·x̂ (cuBLAS); with an in-backward update, dW_c goes to a
+    # chunk-sized fp32 buffer and the chunk of W is updated after both products have read it
     x32 = x if x.dtype == torch.float32 else x.float()
     xhat = x32 * xinv[:, None]
     chunk = _hybrid_chunk(B, C, dev)
@@ -394,11 +438,12 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
     buf = torch.empty(B * chunk, dtype=torch.float32, device=dev)
     coef = torch.empty(chunk, dtype=torch.float32, device=dev)
     gx = torch.zeros((B, D), dtype=torch.float32, device=dev) if need_dx else None
-    if need_dW:
+    if need_dW and upd is None:
         dW = torch.empty(W.shape, dtype=W.dtype, device=dev)
+    gbuf = torch.empty((chunk, D), dtype=torch.float32, device=dev) if upd is not None else None
     for c0, n in _hybrid_chunks(C, chunk):
         view = buf[: B * n].view(B, n)
-        Wc32 = _hybrid_w(W, x, c0, n)
+        Wc32 = _hybrid_w(W, x, c0, n)  # a view of W for fp32 W: read by both products before the update below
         torch.mm(x32, Wc32.t(), out=view)
         _launch(K.hybrid_bwd_kernel, (triton.cdiv(n, epi.block_n),),
                 view, xinv, winv, f, ylab, lse, slope, grad, wscale, coef, B, n, c0,
@@ -406,7 +451,16 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
                 num_warps=epi.num_warps, num_stages=epi.num_stages, **common)
         if need_dx:
             gx.addmm_(view, Wc32)
-        if need_dW:
+        if upd is not None:
+            g = gbuf[:n]
+            torch.mul(Wc32, coef[:n, None], out=g)
+            g.addmm_(view.t(), xhat)
+            if opt is None:
+                upd.apply(c0, c0 + n, g)
+            else:
+                _optim_chunk(g, W, c0, n, opt)
+                _applied(upd, n)
+        elif need_dW:
             if dW.dtype == torch.float32:
                 torch.mul(Wc32, coef[:n, None], out=dW[c0:c0 + n])
                 dW[c0:c0 + n].addmm_(view.t(), xhat)
@@ -422,6 +476,69 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
 
 
 # ----------------------------------------------------------------------------------------------
+# the in-backward optimizer (fusedface.optim): the kernels' arguments, the hybrid's update launch
+# ----------------------------------------------------------------------------------------------
+
+_NO_OPTIM = dict(wd=0.0, momentum=0.0, damp1=0.0, neg_lr=0.0, first=0, nesterov=0, decay=1.0, lerp_w=0.0, beta2=0.0,
+                 w2=0.0, neg_step=0.0, bc2_sqrt=1.0, eps=0.0)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OPTIM_ROWS = 16  # optim_update_kernel: rows × 128 features per program
+
+
+def _optim_kernel_args(upd, param: torch.Tensor, W: torch.Tensor):
+    """``(scalars, constexprs, s1, s2, stride_s)`` of ``upd`` for ``step_dw_kernel`` /
+    ``optim_update_kernel``, or None where the kernels do not cover it and the launcher falls back to
+    ``upd.apply`` per slice: per-row (sparse Partial FC) step counts (``"row_step"`` in the state), a
+    ``W`` the step reads through a copy (not unit-stride) or state that is not fp32/bf16/fp16 with unit
+    feature stride and one row stride. The scalars are folded on the host in Python floats, as
+    ``torch.optim`` folds them (``fusedface._inbackward.Update._math``)."""
+    h = upd.hyper
+    if "row_step" in upd.state or h.kind not in ("sgd", "adamw"):
+        return None
+    if W.data_ptr() != param.data_ptr() or W.stride() != param.stride() or W.dtype not in _KERNEL_DTYPES:
+        return None
+    bufs = [upd.state[k] for k in upd.state_names()]
+    if any(b.dtype not in _KERNEL_DTYPES or b.shape != W.shape or b.device != W.device or b.stride(-1) != 1
+           or b.stride(0) != bufs[0].stride(0) for b in bufs):
+        return None
+    sc = dict(_NO_OPTIM)
+    if h.kind == "sgd":
+        sc.update(wd=h.weight_decay, momentum=h.momentum, damp1=1 - h.dampening, neg_lr=-h.lr, first=int(bool(upd.first)),
+                  nesterov=int(h.nesterov))
+        ce = dict(OPTIM=1, MOMENTUM=int(h.momentum != 0))
+    else:
+        bc1 = 1 - h.beta1 ** upd.step
+        bc2_sqrt = (1 - h.beta2 ** upd.step) ** 0.5
+        sc.update(decay=1 - h.lr * h.weight_decay if h.weight_decay != 0 else 1.0, lerp_w=1 - h.beta1, beta2=h.beta2,
+                  w2=1 - h.beta2, neg_step=-(h.lr / bc1), bc2_sqrt=bc2_sqrt, eps=h.eps)
+        ce = dict(OPTIM=2, MOMENTUM=0)
+    sc = {k: (v if isinstance(v, int) else float(v)) for k, v in sc.items()}
+    ce["ROUND_BITS"] = int(W.device.type != "cuda")  # the interpreter's fp32 -> bf16 cast truncates
+    s1 = bufs[0] if bufs else W
+    s2 = bufs[1] if len(bufs) > 1 else s1
+    return sc, ce, s1, s2, (s1.stride(0) if bufs else 0)
+
+
+def _optim_chunk(g: torch.Tensor, W: torch.Tensor, c0: int, n: int, opt) -> None:
+    """The hybrid's update of rows ``c0 … c0 + n`` of ``W`` and its state from their fp32 gradient ``g``."""
+    sc, ce, s1, s2, stride_s = opt
+    D = W.shape[1]
+    bd = min(_dp(D), 128)
+    # under the interpreter one program per chunk (each interpreted program costs milliseconds)
+    br = OPTIM_ROWS if W.device.type == "cuda" else max(16, min(triton.next_power_of_2(n), 16384 // bd))
+    _launch(K.optim_update_kernel, (triton.cdiv(n, br), triton.cdiv(D, bd)),
+            g, W[c0:c0 + n], s1[c0:c0 + n], s2[c0:c0 + n], n, D, g.stride(0), W.stride(0), stride_s, **sc, **ce,
+            BLOCK_R=br, BLOCK_D=bd, num_warps=4, num_stages=1)
+
+
+def _applied(upd, rows: int) -> None:
+    """Book-keeping of rows a kernel updated: ``upd.rows_done`` and ``W``'s version counter (as the
+    in-place torch ops of ``upd.apply`` bump it: a later use of a saved ``W`` then raises)."""
+    upd.rows_done += rows
+    torch.autograd.graph.increment_version(upd.param)
+
+
+# ----------------------------------------------------------------------------------------------
 # registered ops, autograd, autocast
 # ----------------------------------------------------------------------------------------------
 
@@ -429,19 +546,21 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
 def triton_step_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m2: Optional[torch.Tensor],
                     m3: Optional[torch.Tensor], m2f: float, m3f: float, scale: float, m1: float,
                     theta_policy: str, grad_mode: str, sv_a: float, sv_b: float, negative: bool,
-                    reduction: str, ignore_index: int, need_dx: bool, count_sv: bool
+                    reduction: str, ignore_index: int, need_dx: bool, count_sv: bool, optim_token: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor]:
     """``(loss, pred, sv, lse, f, slope, xinv, winv, ebar, ylab, wscale)``: the loss (a scalar, or
-    ``[B]`` for ``reduction="none"``) and what the backward needs (non-differentiable)."""
+    ``[B]`` for ``reduction="none"``) and what the backward needs (non-differentiable).
+    ``optim_token``: the in-backward optimizer attached to ``W`` (:mod:`fusedface._inbackward`; 0: none),
+    used by the backward only."""
     return step_forward(x, W, y, m2, m3, m2f, m3f, scale, m1, theta_policy, grad_mode, sv_a, sv_b, negative,
                         reduction, ignore_index, need_dx, count_sv)
 
 
 @triton_step_fwd.register_fake
 def _(x, W, y, m2, m3, m2f, m3f, scale, m1, theta_policy, grad_mode, sv_a, sv_b, negative, reduction,
-      ignore_index, need_dx, count_sv):
+      ignore_index, need_dx, count_sv, optim_token=0):
     B, D = x.shape
     C = W.shape[0]
     vec = [x.new_empty(B, dtype=torch.float32) for _ in range(4)]
@@ -477,6 +596,7 @@ def _setup_context(ctx, inputs, output):
     loss, pred, sv, lse, f, slope, xinv, winv, ebar, ylab, wscale = output
     ctx.save_for_backward(x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale)
     ctx.scalars = (inputs[7], inputs[11], inputs[12], inputs[13], inputs[14] == "none")
+    ctx.optim_token = inputs[18] if len(inputs) > 18 else 0
     ctx.mark_non_differentiable(pred, sv, lse, f, slope, xinv, winv, ebar, ylab, wscale)
     ctx.set_materialize_grads(False)  # no zero tensors for the ten non-differentiable outputs
 
@@ -484,9 +604,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, *_):
     need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad is None or not (need_dx or need_dW):
-        return (None,) * 18
+        return (None,) * 19
+    if need_dW and ctx.optim_token:
+        # the in-backward optimizer: W (and its state) updated in place by the kernels, no dL/dW returned;
+        # a Python call, not triton_step_bwd (that op returns a dense dL/dW)
+        upd = _inbackward.begin(ctx.optim_token)
+        dx, _ = step_backward(grad, *ctx.saved_tensors, *ctx.scalars, need_dx, True, upd=upd)
+        upd.finish()
+        return (dx if need_dx else None, None) + (None,) * 17
     dx, dW = torch.ops.fusedface.triton_step_bwd(grad, *ctx.saved_tensors, *ctx.scalars, need_dx, need_dW)
-    return (dx if need_dx else None, dW if need_dW else None) + (None,) * 16
+    return (dx if need_dx else None, dW if need_dW else None) + (None,) * 17
 
 
 triton_step_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -528,10 +655,12 @@ def _per_row(m, B: int):
 step_applies = applies  # the protocol's name: whether margin_step runs this call
 
 
-def margin_step(x, W, y, opts, m2, m3, want_stats: bool):
+def margin_step(x, W, y, opts, m2, m3, want_stats: bool, optim_token: int = 0):
     """The protocol's whole step, called by the engine for ``backend="triton"`` where it applies
     (``functional.margin_softmax_loss`` and the heads): ``(loss, pred, sv)``, the loss reduced by
-    ``opts.reduction``. ``m2``/``m3`` are checked floats or ``[B]`` tensors."""
+    ``opts.reduction``. ``m2``/``m3`` are checked floats or ``[B]`` tensors. ``optim_token``: the
+    in-backward optimizer attached to ``W`` (``fusedface.optim``, :data:`STEP_IN_BACKWARD`): the
+    backward applies its update in the kernels instead of returning ``dL/dW``."""
     a, b = opts.rewrite
     B = x.shape[0]
     m2t, m3t = (_per_row(m, B) for m in (m2, m3))
@@ -540,7 +669,7 @@ def margin_step(x, W, y, opts, m2, m3, want_stats: bool):
     out = torch.ops.fusedface.triton_step_fwd(
         x, W, y, m2t, m3t, 0.0 if m2t is not None else float(m2), 0.0 if m3t is not None else float(m3),
         float(opts.scale), float(opts.m1), opts.theta_policy, opts.grad_mode, float(a), float(b), negative,
-        opts.reduction, int(opts.ignore_index), need_dx, bool(want_stats or negative))
+        opts.reduction, int(opts.ignore_index), need_dx, bool(want_stats or negative), int(optim_token))
     return out[0], out[1], out[2]
 
 
