@@ -251,6 +251,13 @@ class Update:
             idx = rest[i:i + n]
             self.apply_index(idx, torch.zeros(idx.numel(), D, dtype=self.param.dtype, device=self.param.device))
 
+    def mark_applied(self, rows: int) -> None:
+        """Book-keeping for rows a kernel of a backend updated itself (the Triton step's epilogue):
+        counts them and bumps ``W``'s version counter, as the in-place ops of :meth:`apply` do (a later
+        use of a saved ``W`` then raises instead of reading the updated values)."""
+        self.rows_done += rows
+        torch.autograd.graph.increment_version(self.param)
+
     def finish(self) -> None:
         """Marks the step done: ``W.grad`` becomes :class:`AppliedGrad`."""
         self._on_finish(self)

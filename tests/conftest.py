@@ -79,6 +79,27 @@ def triton_unusable(device: str = "cpu") -> str:
     return ""
 
 
+def triton_test_file(module: str):
+    """``(device, module or None, pytestmark)`` for a test file of the Triton backend: its tensors'
+    device (CUDA where a GPU is, else CPU under the interpreter), the backend module ``module``
+    imported when Triton can run here, and the marks that skip the file with the reason otherwise and
+    set ``TRITON_INTERPRET=1`` for each test on CPU."""
+    import importlib
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    why = triton_unusable(device.type)
+    mod = None if why else importlib.import_module(module)
+    marks = [pytest.mark.skipif(mod is None, reason=f"Triton backend: {why}"),
+             pytest.mark.usefixtures("_triton_interpreter_env")]
+    return device, mod, marks
+
+
+@pytest.fixture
+def _triton_interpreter_env(monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def is_interpreted(case) -> bool:
     """Whether a case (a ``(device, backend)`` pair or a backend name) runs the Triton interpreter:
     such cases get small shapes and few examples (each interpreted launch walks its grid in Python)."""

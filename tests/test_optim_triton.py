@@ -10,27 +10,17 @@ and partial tiles.
 """
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
-from conftest import assert_close, triton_unusable
+from conftest import assert_close, triton_test_file
 
 import fusedface
 from fusedface import _inbackward as IB
 
-_CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if _CUDA else "cpu")
-_WHY = triton_unusable(DEV.type)
-TS = None if _WHY else importlib.import_module("fusedface.backends.triton")
-pytestmark = pytest.mark.skipif(TS is None, reason=f"Triton backend: {_WHY}")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_env(monkeypatch):
-    if not _CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+DEV, TS, pytestmark = triton_test_file("fusedface.backends.triton")
+_CUDA = DEV.type == "cuda"
 
 
 B, D, C = 24, 32, 1009

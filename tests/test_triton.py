@@ -19,23 +19,13 @@ _CUDA = torch.cuda.is_available()
 import pytest  # noqa: E402
 
 from conftest import (MARGIN_FAMILIES, assert_close, leaf, make_problem, materialise_margins,  # noqa: E402
-                      triton_unusable)
+                      triton_test_file)
 from fusedface import functional as F_  # noqa: E402
 from fusedface._options import MarginOptions  # noqa: E402
 
-DEV = torch.device("cuda" if _CUDA else "cpu")
-
 # one check of whether Triton can run here, shared with every backend-parametrised test (conftest.py
 # imports triton and the kernels under the interpreter before any test module, on a machine without GPU)
-_WHY = triton_unusable(DEV.type)
-T = None if _WHY else importlib.import_module("fusedface.backends.triton_tiles")
-pytestmark = pytest.mark.skipif(T is None, reason=f"Triton backend: {_WHY}")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_env(monkeypatch):
-    if not _CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+DEV, T, pytestmark = triton_test_file("fusedface.backends.triton_tiles")
 
 
 B, D, C = 37, 45, 301

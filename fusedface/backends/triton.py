@@ -416,7 +416,7 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
                 dw_launch(W, winv, ylab, dW, (_NO_OPTIM, dict(OPTIM=0, MOMENTUM=0, ROUND_BITS=0), dW, dW, 0))
             elif opt is not None:  # the update in the dW kernel's epilogue (W is the parameter itself)
                 dw_launch(W, winv, ylab, W, opt)
-                _applied(upd, C)
+                upd.mark_applied(C)
             else:  # what the kernels do not cover: dL/dW slice by slice, each slice through upd.apply
                 n = _inbackward.slice_rows(C, D)
                 for lo in range(0, C, n):
@@ -459,7 +459,7 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
                 upd.apply(c0, c0 + n, g)
             else:
                 _optim_chunk(g, W, c0, n, opt)
-                _applied(upd, n)
+                upd.mark_applied(n)
         elif need_dW:
             if dW.dtype == torch.float32:
                 torch.mul(Wc32, coef[:n, None], out=dW[c0:c0 + n])
@@ -529,13 +529,6 @@ def _optim_chunk(g: torch.Tensor, W: torch.Tensor, c0: int, n: int, opt) -> None
     _launch(K.optim_update_kernel, (triton.cdiv(n, br), triton.cdiv(D, bd)),
             g, W[c0:c0 + n], s1[c0:c0 + n], s2[c0:c0 + n], n, D, g.stride(0), W.stride(0), stride_s, **sc, **ce,
             BLOCK_R=br, BLOCK_D=bd, num_warps=4, num_stages=1)
-
-
-def _applied(upd, rows: int) -> None:
-    """Book-keeping of rows a kernel updated: ``upd.rows_done`` and ``W``'s version counter (as the
-    in-place torch ops of ``upd.apply`` bump it: a later use of a saved ``W`` then raises)."""
-    upd.rows_done += rows
-    torch.autograd.graph.increment_version(upd.param)
 
 
 # ----------------------------------------------------------------------------------------------
