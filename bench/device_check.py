@@ -30,12 +30,18 @@ Stages, in order (each records ``status`` "done", "skipped" with a ``reason``, "
    order (the ones the targets need first), each only while the budget allows.
 3. ``launches``: CUDA kernels of one eager forward + backward at C = 1e5 bf16, from
    ``torch.profiler`` (kernel events; memcpy/memset counted apart), with their GPU time.
-4. ``graph_step``: C = 1e5 bf16: the eager step (grads set to None, forward, backward) against the
+4. ``optim``: the in-backward optimizer (``fusedface.optim.SGD``, momentum 0.9, weight decay 5e-4)
+   on the Triton step (ArcFace head, ``backend="triton"``), dtypes "mixed" (x bf16, W fp32: the dW
+   kernel's update epilogue) and fp32 (the hybrid's update kernel), C = 1e5: ``W`` and the momentum
+   buffer after two steps against the same head stepped by ``torch.optim.SGD`` on its dense gradient
+   (checks: max |diff| / max |W| <= 1e-5); at C = 1e6 mixed: ms per step (forward, backward,
+   optimizer step) and peak memory beyond ``W`` and the state, in-backward against dense.
+5. ``graph_step``: C = 1e5 bf16: the eager step (grads set to None, forward, backward) against the
    same step captured in a ``torch.cuda.CUDAGraph`` (warm-up on a side stream, grads None before
    capture so they live in the graph's pool) and replayed: ms per step from a loop of 50 steps
    between CUDA events (median of 5; do_bench numbers too), and the replayed results against the
    eager ones. Last of the GPU stages, as a failed capture can leave the CUDA context unusable.
-5. ``tests``: ``pytest -x -q tests/test_triton.py tests/test_gpu*.py`` (the files that exist) with
+6. ``tests``: ``pytest -x -q tests/test_triton.py tests/test_optim_triton.py tests/test_gpu*.py`` (the files that exist) with
    the rest of the budget as its timeout; skipped when under 60 s remain.
 
 Targets (printed as PASS / FAIL / SKIP lines before the tests stage and again at the end):
@@ -87,7 +93,7 @@ for _p in (BENCH_DIR, ROOT):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-STAGES = ("correctness", "timings", "launches", "graph_step", "tests")
+STAGES = ("correctness", "timings", "launches", "optim", "graph_step", "tests")
 SCALE, M2 = 64.0, 0.5
 PATH_VAR, SPLIT_VAR = "FUSEDFACE_TRITON_PATH", "FUSEDFACE_TRITON_SPLIT_GRAD"
 # fusedface providers of the timings and the environment each runs under ("" = unset = default)
@@ -630,7 +636,76 @@ def stage_launches(ctx, st):
     x.grad = W.grad = None
 
 
-# ----------------------------------------------------------------------------- stage 4: CUDA graph
+# ----------------------------------------------------------------------------- stage 4: in-backward optimizer
+
+def _optim_heads(ctx, C, dt):
+    """Two ArcFace heads on the Triton backend with the same ``W`` of ``ctx.inputs``: one driven by
+    ``fusedface.optim.SGD`` (in-backward), one by ``torch.optim.SGD`` (dense ``W.grad``)."""
+    import torch
+
+    import fusedface
+    x, W, y = ctx.inputs(C, dt)
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    heads, opts = [], []
+    for in_backward in (True, False):
+        h = fusedface.ArcFace(ctx.D, C, scale=SCALE, margin=M2, backend="triton", device=ctx.device, dtype=W.dtype)
+        with torch.no_grad():
+            h.weight.copy_(W)
+        heads.append(h)
+        opts.append(fusedface.optim.SGD(h.parameters(), **kw) if in_backward else torch.optim.SGD(h.parameters(), **kw))
+    return x, y, heads, opts
+
+
+def _optim_step(head, opt, x, y):
+    head(x, y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def stage_optim(ctx, st):
+    import torch
+    res = st["results"]
+    C = min(ctx.Cs)
+    for dt in ("mixed", "fp32"):
+        x, y, (hi, hd), (oi, od) = _optim_heads(ctx, C, dt)
+        with fusedface_env("fusedface"):
+            for _ in range(2):
+                _optim_step(hi, oi, x, y)
+                _optim_step(hd, od, x, y)
+        scale = hd.weight.detach().abs().max()
+        w_err = float((hi.weight - hd.weight).detach().abs().max() / scale)
+        b_err = _rel(oi.state[hi.weight]["momentum_buffer"], od.state[hd.weight]["momentum_buffer"])
+        res[f"{dt} C={C}"] = {"W_rel_diff": w_err, "momentum_rel_diff": b_err, "steps": 2}
+        print(f"{dt:<6} C={C} in-backward SGD vs torch.optim.SGD on the dense gradient, 2 steps: "
+              f"W {w_err:.2e}, momentum {b_err:.2e}", flush=True)
+        ok = w_err <= 1e-5 and b_err <= 1e-5
+        ctx.check("optim", f"{dt} in-backward SGD == dense torch.optim.SGD", max(w_err, b_err), 1e-5, ok,
+                  f"W {w_err:.2e}, momentum {b_err:.2e} (limit 1e-5)")
+        del hi, hd, oi, od
+        _free(ctx)
+    if not ctx.cuda:
+        raise Skip("step timings and CUDA memory need a GPU (the smoke run checked the update only)")
+    Cb = max(ctx.Cs)
+    x, y, heads, opts = _optim_heads(ctx, Cb, "mixed")
+    for name, h, o in (("in_backward", heads[0], opts[0]), ("dense", heads[1], opts[1])):
+        with fusedface_env("fusedface"):
+            for _ in range(3):
+                _optim_step(h, o, x, y)
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            _optim_step(h, o, x, y)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - held
+            ms = loop_ms(lambda: _optim_step(h, o, x, y), n=10, repeats=3)
+        res[f"mixed C={Cb} {name}"] = {"ms_per_step": ms, "extra_mib": peak / 2**20}
+        print(f"mixed C={Cb} {name}: {ms:.3f} ms per step (forward, backward, optimizer), "
+              f"{peak / 2**20:.1f} MiB beyond W and the state", flush=True)
+    r_ib, r_d = res[f"mixed C={Cb} in_backward"], res[f"mixed C={Cb} dense"]
+    res["in_backward_over_dense_ms"] = r_ib["ms_per_step"] / r_d["ms_per_step"]
+
+
+# ----------------------------------------------------------------------------- stage 5: CUDA graph
 
 def stage_graph_step(ctx, st):
     if not ctx.cuda:
@@ -684,14 +759,15 @@ def loop_ms(fn, n=50, repeats=5):
     return statistics.median(harness.time_reps(fn, "cuda", number=n, min_reps=repeats, max_reps=repeats)) * 1e3
 
 
-# ----------------------------------------------------------------------------- stage 5: GPU tests
+# ----------------------------------------------------------------------------- stage 6: GPU tests
 
 TESTS_MIN_S = 60.0
 SUMMARY = re.compile(r"\b(passed|failed|errors?|skipped|deselected|xfailed|xpassed|collected|no tests ran)\b")
 
 
 def stage_tests(ctx, st):
-    files = [f for f in ["tests/test_triton.py", *sorted(glob.glob("tests/test_gpu*.py", root_dir=ROOT))]
+    files = [f for f in ["tests/test_triton.py", "tests/test_optim_triton.py",
+                         *sorted(glob.glob("tests/test_gpu*.py", root_dir=ROOT))]
              if os.path.exists(os.path.join(ROOT, f))]
     if not files:
         raise Skip("no tests/test_triton.py or tests/test_gpu*.py in this checkout")
@@ -864,6 +940,7 @@ def main(argv=None):
     run_stage(ctx, "correctness", stage_correctness, min_s=20)
     run_stage(ctx, "timings", stage_timings, min_s=MIN_POINT_S + args.reserve_s)
     run_stage(ctx, "launches", stage_launches, min_s=10)
+    run_stage(ctx, "optim", stage_optim, min_s=20)
     # last of the in-process GPU stages: a failed capture can leave the CUDA context unusable
     run_stage(ctx, "graph_step", stage_graph_step, min_s=15)
     print_targets(ctx)

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "device_check.py"
-STAGES = ("correctness", "timings", "launches", "graph_step", "tests")
+STAGES = ("correctness", "timings", "launches", "optim", "graph_step", "tests")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,10 @@ def test_stage_contents(smoke):
     for dt, provs in timings.items():
         for prov, r in provs.items():
             assert "ms" in r or r.get("error") or r.get("skipped"), (dt, prov, r)
+    # the in-backward optimizer's update is checked on CPU too (its timings need a GPU)
+    for dt in ("mixed", "fp32"):
+        assert checks[f"{dt} in-backward SGD == dense torch.optim.SGD"]["verdict"] == "PASS"
+    assert "GPU" in data["stages"]["optim"]["reason"]
     tests = data["stages"]["tests"]["results"]
     assert "collected" in tests["summary"], tests
     assert data["checks"] and data["targets"]
