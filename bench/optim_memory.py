@@ -88,7 +88,8 @@ def predicted(r: dict) -> dict:
     from fusedface.memory_model import per_device
     t = per_device(C=r["C"], D=r["D"], B=r["B"], optimizer=r["optimizer"], in_backward=not r["dense"],
                    momentum=r["momentum"] or 0.0, w_bytes=torch.tensor([], dtype=getattr(torch, r["dtype"])).element_size(),
-                   state_bytes=2 if r.get("state_dtype") == "bfloat16" else None, backend=r["backend"])
+                   state_bytes=2 if r.get("state_dtype") == "bfloat16" else None, backend=r["backend"],
+                   device="cpu")
     return {"model_mib": t["total"] / 2**20, "model_extra_mib": (t["total"] - t["W"] - t["state"]) / 2**20}
 
 

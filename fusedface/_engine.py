@@ -238,7 +238,7 @@ def apply_sparse_in_slices(upd, idx, val, C: int, D: int, dtype, index=None):
     ``lo:hi`` of the ``C`` the pass ran on get the sum of their contributions (zero for columns no
     row selected); they are the parameter's rows ``lo:hi``, or its rows ``index[lo:hi]`` when the
     pass ran on a gathered Partial FC sample."""
-    n = _inbackward.slice_rows(C, D)
+    n = _inbackward.slice_rows(C, D, idx.device)
     for lo in range(0, C, n):
         hi = min(lo + n, C)
         sel = (idx >= lo) & (idx < hi)
@@ -379,7 +379,7 @@ def apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels
     each slice's ``dL/dW`` to ``upd``: rows ``lo:hi`` of the parameter, or rows ``index[lo:hi]`` when
     ``W`` is a gathered Partial FC sample. Returns ``Gx`` summed over the slices (or None)."""
     C, D = W.shape
-    n = _inbackward.slice_rows(C, D)
+    n = _inbackward.slice_rows(C, D, W.device)
     Gx = None
     for lo in range(0, C, n):
         hi = min(lo + n, C)

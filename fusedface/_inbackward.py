@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-SLICE_BYTES = 8 * 2**20  # bytes of one fp32 slice of dL/dW (and of each temporary of its update)
+SLICE_BYTES = 8 * 2**20  # bytes of one fp32 slice of dL/dW (and of each temporary of its update), CPU
+SLICE_BYTES_CUDA = 64 * 2**20  # on a GPU: fewer, larger slices (each costs a few kernel launches)
 
 _TOKENS = itertools.count(1)
 _REGISTRY: dict[int, tuple] = {}  # token -> (weakref to the optimizer, weakref to the parameter)
@@ -97,9 +98,11 @@ def begin(token: int) -> "Update":
     return opt._begin_update(param)
 
 
-def slice_rows(C: int, D: int) -> int:
-    """Classes per slice: one fp32 ``[rows, D]`` slice of the gradient in :data:`SLICE_BYTES`."""
-    return max(64, min(C, SLICE_BYTES // (4 * max(D, 1)) // 64 * 64))
+def slice_rows(C: int, D: int, device=None) -> int:
+    """Classes per slice: one fp32 ``[rows, D]`` slice of the gradient in :data:`SLICE_BYTES`
+    (:data:`SLICE_BYTES_CUDA` for a CUDA ``device``), at least 64."""
+    budget = SLICE_BYTES_CUDA if device is not None and torch.device(device).type == "cuda" else SLICE_BYTES
+    return max(64, min(C, budget // (4 * max(D, 1)) // 64 * 64))
 
 
 @dataclass
@@ -246,7 +249,7 @@ class Update:
             mask[formed] = True
             formed = mask
         rest = (~formed).nonzero().squeeze(1)
-        n = slice_rows(C, D)
+        n = slice_rows(C, D, self.param.device)
         for i in range(0, rest.numel(), n):
             idx = rest[i:i + n]
             self.apply_index(idx, torch.zeros(idx.numel(), D, dtype=self.param.dtype, device=self.param.device))

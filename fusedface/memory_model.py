@@ -14,7 +14,7 @@ tile budget of the engine, the temporaries of ``torch.optim``'s single-tensor/fo
 """
 from __future__ import annotations
 
-from ._inbackward import SLICE_BYTES, slice_rows
+from ._inbackward import SLICE_BYTES, SLICE_BYTES_CUDA, slice_rows
 
 MIB = 2**20
 GIB = 2**30
@@ -49,13 +49,15 @@ def update_temporaries(optimizer: str, *, weight_decay: bool = True, nesterov: b
 
 def per_device(*, C: int, D: int, B: int, world: int = 1, optimizer: str = "sgd", in_backward: bool = True,
                momentum: float = 0.9, nesterov: bool = False, weight_decay: bool = True, w_bytes: int = 4,
-               state_bytes: int | None = None, backend: str = "triton", sample_rate: float | None = None) -> dict:
+               state_bytes: int | None = None, backend: str = "triton", sample_rate: float | None = None,
+               device: str = "cuda") -> dict:
     """Bytes one device holds at the peak of a step, by term, and ``total``.
 
     ``C`` global classes over ``world`` devices (balanced shards), ``B`` rows per device (the pass
     runs on the gathered global batch ``B·world`` when sharded), ``w_bytes``/``state_bytes`` the
     element sizes of ``W`` and of the state (None: ``W``'s). ``sample_rate``: Partial FC (the pass
     runs on a gathered copy of the sampled rows; dense mode's gradient is still ``[C_local, D]``).
+    ``device``: sizes the in-backward slice (64 MiB on CUDA, 8 MiB on CPU).
     """
     state_bytes = w_bytes if state_bytes is None else state_bytes
     c = -(-C // world)  # the largest shard
@@ -66,7 +68,7 @@ def per_device(*, C: int, D: int, B: int, world: int = 1, optimizer: str = "sgd"
     t["state"] = state_buffers(optimizer, momentum) * c * D * state_bytes
     temps = update_temporaries(optimizer, weight_decay=weight_decay, nesterov=nesterov and optimizer == "sgd")
     if in_backward:
-        n = slice_rows(rows, D)
+        n = slice_rows(rows, D, device)
         t["gradient"] = n * D * 4  # one fp32 slice of dL/dW
         t["update"] = temps * n * D * 4
     else:
@@ -85,14 +87,6 @@ def per_device(*, C: int, D: int, B: int, world: int = 1, optimizer: str = "sgd"
     else:
         t["total"] = held + max(during_pass, t["gradient"] + t["update"])
     return t
-
-
-def step_extra_bytes(*, C: int, D: int, B: int, optimizer: str, in_backward: bool, momentum: float = 0.9,
-                     w_bytes: int = 4, backend: str = "native", **kw) -> int:
-    """Bytes of one step beyond ``W`` and the optimizer state (what ``bench/optim_memory.py`` measures)."""
-    t = per_device(C=C, D=D, B=B, optimizer=optimizer, in_backward=in_backward, momentum=momentum,
-                   w_bytes=w_bytes, backend=backend, **kw)
-    return t["total"] - t["W"] - t["state"]
 
 
 def table(sizes=(1_000_000, 10_000_000, 29_000_000, 100_000_000), worlds=(1, 8), *, D: int = 512, B: int = 128,
@@ -123,4 +117,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["per_device", "step_extra_bytes", "table", "state_buffers", "update_temporaries", "SLICE_BYTES"]
+__all__ = ["per_device", "table", "state_buffers", "update_temporaries", "SLICE_BYTES",
+           "SLICE_BYTES_CUDA"]

@@ -137,6 +137,7 @@ def test_the_slice_holds_a_bounded_number_of_classes():
     assert _inbackward.slice_rows(10_000_000, 512) * 512 * 4 <= _inbackward.SLICE_BYTES
     assert _inbackward.slice_rows(100, 512) == 100
     assert _inbackward.slice_rows(10_000_000, 10**6) == 64
+    assert _inbackward.slice_rows(10**7, 512, "cuda") * 512 * 4 == _inbackward.SLICE_BYTES_CUDA
 
 
 # ----------------------------------------------------------------------- what does not combine
@@ -405,8 +406,8 @@ def test_the_documented_table_is_the_model():
 def test_the_model_counts_w_grad_only_when_dense():
     from fusedface.memory_model import per_device
 
-    dense = per_device(C=10**6, D=128, B=256, optimizer="sgd", in_backward=False)
-    ib = per_device(C=10**6, D=128, B=256, optimizer="sgd", in_backward=True)
+    dense = per_device(C=10**6, D=128, B=256, optimizer="sgd", in_backward=False, device="cpu")
+    ib = per_device(C=10**6, D=128, B=256, optimizer="sgd", in_backward=True, device="cpu")
     assert dense["gradient"] == 10**6 * 128 * 4 and ib["gradient"] <= _inbackward.SLICE_BYTES
     assert dense["total"] - ib["total"] > 0.9 * 2 * 10**6 * 128 * 4  # W.grad and the weight-decay temporary
 

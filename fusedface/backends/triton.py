@@ -418,7 +418,7 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
                 dw_launch(W, winv, ylab, W, opt)
                 upd.mark_applied(C)
             else:  # what the kernels do not cover: dL/dW slice by slice, each slice through upd.apply
-                n = _inbackward.slice_rows(C, D)
+                n = _inbackward.slice_rows(C, D, W.device)
                 for lo in range(0, C, n):
                     hi = min(lo + n, C)
                     yl = torch.where((ylab >= lo) & (ylab < hi), ylab - lo,
