@@ -663,7 +663,7 @@ def _optim_step(head, opt, x, y):
 
 
 def stage_optim(ctx, st):
-    import torch
+    import harness
     res = st["results"]
     C = min(ctx.Cs)
     for dt in ("mixed", "fp32"):
@@ -691,12 +691,9 @@ def stage_optim(ctx, st):
         with fusedface_env("fusedface"):
             for _ in range(3):
                 _optim_step(h, o, x, y)
-            torch.cuda.synchronize()
-            held = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            _optim_step(h, o, x, y)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - held
+            with harness.PeakMemory(ctx.device) as pm:  # beyond what the step starts with: W and the state
+                _optim_step(h, o, x, y)
+            peak = pm.delta
             ms = loop_ms(lambda: _optim_step(h, o, x, y), n=10, repeats=3)
         res[f"mixed C={Cb} {name}"] = {"ms_per_step": ms, "extra_mib": peak / 2**20}
         print(f"mixed C={Cb} {name}: {ms:.3f} ms per step (forward, backward, optimizer), "

@@ -305,6 +305,15 @@ def time_case(case: Case, mode: str, device: str, *, min_reps=1, max_reps=10, ta
 from fusedface._procmem import MEMINFO, STATUS, reset_peak_rss, status_kib  # noqa: E402,F401  (the one /proc reader)
 
 
+def in_use_bytes(device="cpu") -> int:
+    """Memory in use now: CPU the resident set size (``VmRSS``), CUDA ``torch.cuda.memory_allocated``
+    (what :class:`PeakMemory` measures against)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return status_kib("VmRSS") * 1024
+
+
 class PeakMemory:
     """``with PeakMemory(device) as pm: ...``: the peak memory of the block beyond what was in use
     when it started — the one peak-memory measurement of bench/.

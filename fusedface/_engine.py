@@ -344,9 +344,14 @@ def _margin_backward(ctx, grad_rows, *_):
         return (None,) * 16
     if need_dW and ctx.optim_token:
         upd = _inbackward.begin(ctx.optim_token)  # (first: a second backward is refused before W is read)
-        x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
-        dx = margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block, ctx.scalars, need_dx, upd)
-        return (dx, None) + (None,) * 14
+        if upd is not None:
+            x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
+            dx = margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block, ctx.scalars, need_dx,
+                                        upd)
+            return (dx, None) + (None,) * 14
+        need_dW = False  # this backward does not ask for dL/dW (autograd.grad of x, backward(inputs=...))
+        if not need_dx:
+            return (None,) * 16
     x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
     dx, dW = torch.ops.fusedface.margin_softmax_bwd(grad_rows, x, W, y, lse, f, slope, xinv, winv,
                                                     *ctx.scalars, int(need_dx), int(need_dW), block)
@@ -429,6 +434,8 @@ def _npt_setup_context(ctx, inputs, output):
 def _npt_backward(ctx, grad_rows, *_):
     need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     upd = _inbackward.begin(ctx.optim_token) if need_dW and ctx.optim_token else None
+    if upd is None and ctx.optim_token:
+        need_dW = False  # the optimizer's W, not asked for by this backward
     x, W, y, topi, hinge, xinv, winv = ctx.saved_tensors
     valid = y != ctx.opts.ignore_index
     y_safe = torch.where(valid, y, torch.zeros_like(y)).long()

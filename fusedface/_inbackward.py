@@ -83,14 +83,31 @@ def token_of(W: torch.Tensor) -> int:
     return tok
 
 
-def begin(token: int) -> "Update":
-    """The update of this backward for ``token``'s parameter (raises :class:`InBackwardError` for a
-    second backward before ``optimizer.step()`` and for a backward that builds a graph)."""
+def _accumulates_into(param: torch.Tensor) -> bool:
+    """Whether the running backward will accumulate into ``param.grad`` (False for
+    ``torch.autograd.grad(loss, x)`` and ``loss.backward(inputs=[x])``, which must leave ``W`` alone).
+    Asks the engine about ``param``'s AccumulateGrad node; True where the engine cannot say."""
+    try:
+        with torch.enable_grad():
+            node = param.view_as(param).grad_fn.next_functions[0][0]
+        return bool(torch._C._will_engine_execute_node(node))
+    except Exception:  # no node (not a leaf that requires grad) or not inside a backward: the update runs
+        return True
+
+
+def begin(token: int) -> "Update | None":
+    """The update of this backward for ``token``'s parameter, or None when this backward does not ask
+    for ``dL/dW`` (``autograd.grad`` of other inputs, ``backward(inputs=...)`` without ``W``): the
+    caller then forms no ``dL/dW`` and ``W`` does not move. Raises :class:`InBackwardError` for a second
+    backward before ``optimizer.step()`` and for a backward that builds a graph. Nothing of the
+    optimizer's state changes before :meth:`Update.finish`."""
     entry = _REGISTRY.get(token)
     opt = entry[0]() if entry else None
     param = entry[1]() if entry else None
     if opt is None or param is None:
         raise InBackwardError("the in-backward optimizer of this head was deleted between forward and backward")
+    if not _accumulates_into(param):
+        return None
     if torch.is_grad_enabled():
         raise InBackwardError("backward(create_graph=True) through a head with an in-backward optimizer: the update "
                               "is applied while the gradient is formed and cannot be differentiated; use a "
@@ -127,7 +144,7 @@ class Update:
     formed no gradient this step the update of a zero gradient (the dense semantics of Partial FC)."""
 
     def __init__(self, param: torch.Tensor, hyper: Hyper, state: dict, step: int, first: bool, sparse: bool,
-                 owner: str, on_finish):
+                 owner: str, on_finish, *, new_state: dict | None = None):
         self.param = param
         self.hyper = hyper
         self.state = state
@@ -137,6 +154,9 @@ class Update:
         self.owner = owner
         self._on_finish = on_finish
         self.rows_done = 0
+        # buffers created by this update: in ``state`` for the arithmetic, kept by the optimizer only
+        # when the update finishes (a backward that fails before its first slice leaves no trace)
+        self.new_state = new_state or {}
 
     # ---------------------------------------------------------------- the arithmetic
 
@@ -196,10 +216,14 @@ class Update:
         return "row_step" in self.state
 
     def _ensure_row_steps(self) -> None:
-        """Sparse semantics start: every row has taken the steps the parameter took before this one."""
+        """Sparse semantics start: every row has taken the steps the parameter took before this one (at
+        least one when its state existed before: e.g. a momentum buffer loaded from ``torch.optim.SGD``,
+        whose state has no step count)."""
         if not self._per_row():
-            self.state["row_step"] = torch.full((self.param.shape[0],), self.step - 1, dtype=torch.int32,
-                                                device=self.param.device)
+            before = max(self.step - 1, 0 if self.first else 1)
+            rs = torch.full((self.param.shape[0],), before, dtype=torch.int32, device=self.param.device)
+            self.state["row_step"] = rs
+            self.new_state["row_step"] = rs
 
     @torch.no_grad()
     def apply(self, lo: int, hi: int, g: torch.Tensor) -> None:
@@ -214,10 +238,12 @@ class Update:
         self.rows_done += hi - lo
 
     def _row_steps(self, index):
+        """``(first, step)`` per row: a row is first when it never stepped, or when its buffer was made
+        by this update (momentum switched on); its step count after this update."""
         rs = self.state["row_step"]
         before = rs.index_select(0, index)
         rs.index_copy_(0, index, before + 1)
-        return before == 0, before + 1
+        return (before == 0) | self.first, before + 1
 
     @torch.no_grad()
     def apply_index(self, index: torch.Tensor, g: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ tile budget of the engine, the temporaries of ``torch.optim``'s single-tensor/fo
 
     >>> from fusedface.memory_model import per_device
     >>> round(per_device(C=10_000_000, D=512, B=128, world=8, optimizer="sgd", in_backward=True)["total"] / 2**30, 2)
-    4.83
+    4.94
 
 ``python -m fusedface.memory_model`` prints the table of docs/memory.md.
 """
@@ -22,7 +22,11 @@ GIB = 2**30
 # working set of the fused pass besides O(C) vectors, per backend (the engine's tile budget for the
 # torch backend; the per-thread L2-sized tile buffers of the native CPU backend; the hybrid's
 # chunk buffer of the Triton backend on fp32 inputs, its partials on 16-bit ones)
-PASS_BUFFER = {"torch": 32 * MIB, "native": 2 * MIB, "triton": 32 * MIB}
+# (torch: what the engine's 32 MiB tile budget allows in practice, ~6 of the 8 budgeted [B, T] fp32
+# temporaries at once, measured 26 MiB at B = 256, D = 128)
+PASS_BUFFER = {"torch": 26 * MIB, "native": 2 * MIB, "triton": 32 * MIB}
+PER_CLASS_FORWARD = 14  # bytes per class live in the forward: winv, the norms' temporaries, the NaN/Inf flags
+PER_CLASS_BACKWARD = 8  # bytes per class live in the backward: winv and the backward's per-class vectors
 
 
 def state_buffers(optimizer: str, momentum: float = 0.9) -> int:
@@ -76,16 +80,18 @@ def per_device(*, C: int, D: int, B: int, world: int = 1, optimizer: str = "sgd"
         t["update"] = temps * c * D * w_bytes
     t["sample"] = 0 if sample_rate is None else rows * D * w_bytes  # W.index_select(0, index)
     t["pass"] = PASS_BUFFER.get(backend, 32 * MIB)
-    t["per_class"] = (2 * 4 + 2) * rows  # winv and the max-abs norms (fp32), two bool flags per class
+    t["per_class"] = PER_CLASS_BACKWARD * rows
     t["embeddings"] = 3 * Bg * D * 4 if world > 1 else 2 * Bg * D * 4  # gathered x, Σ dℓ/dc·ŵ, dL/dx
-    # the peak: in-backward, everything at once inside the backward; dense, the larger of the backward
-    # (W.grad being filled while the pass runs) and torch.optim's step (W.grad and its temporaries)
+    # the peak: the larger of the forward (its per-class temporaries) and the backward. In-backward, the
+    # backward holds one slice and its update; dense, the larger of the backward (W.grad filled while the
+    # pass runs) and torch.optim's step (W.grad and the update's temporaries)
     held = t["W"] + t["state"]
-    during_pass = t["gradient"] + t["sample"] + t["pass"] + t["per_class"] + t["embeddings"]
+    forward = t["sample"] + t["pass"] + PER_CLASS_FORWARD * rows + t["embeddings"]
+    backward = t["gradient"] + t["sample"] + t["pass"] + t["per_class"] + t["embeddings"]
     if in_backward:
-        t["total"] = held + during_pass + t["update"]
+        t["total"] = held + max(forward, backward + t["update"])
     else:
-        t["total"] = held + max(during_pass, t["gradient"] + t["update"])
+        t["total"] = held + max(forward, backward, t["gradient"] + t["update"])
     return t
 
 

@@ -39,10 +39,20 @@ class _ClassCentres(nn.Module):
         if isinstance(backend, str) and backend in backends.FUSED:
             backends.load(backend)  # imported now, eagerly: a step compiled later finds it (Dynamo does not import)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        mark_head_weight(self.weight)  # the parameter an in-backward optimizer (fusedface.optim) may drive
         self.last_accuracy: torch.Tensor | None = None
         self.last_sv_fraction: torch.Tensor | None = None
         self.reset_parameters()
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "weight" and isinstance(value, nn.Parameter):
+            mark_head_weight(value)  # the parameter an in-backward optimizer (fusedface.optim) may drive
+
+    def __setstate__(self, state):
+        """(``copy.deepcopy``, unpickling: the copied class matrix is marked as the original was.)"""
+        super().__setstate__(state)
+        if isinstance(self._parameters.get("weight"), nn.Parameter):
+            mark_head_weight(self._parameters["weight"])
 
     def reset_parameters(self) -> None:
         """Normal init, as InsightFace's heads (the scale of W does not matter: rows are normalised)."""

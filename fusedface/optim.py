@@ -109,29 +109,31 @@ class _InBackward(torch.optim.Optimizer):
         name = type(self).__name__
         if id(param) in self._pending:
             raise IB.InBackwardError(
-                f"a second backward through this head before fusedface.optim.{name}.step(): the in-backward update "
-                "cannot accumulate gradients over several backwards (or backward twice with retain_graph). Call "
-                "step() after every backward (scale lr for the micro-batch), or use a torch.optim optimizer for W "
-                "to accumulate (docs/optim.md, \"What does not combine\")")
+                f"a second update of this head's class matrix before fusedface.optim.{name}.step(): either a second "
+                "backward (gradient accumulation over several backwards, or backward twice with retain_graph), or "
+                "one loss that uses the class matrix twice (two calls of the head, or one W shared by two heads; "
+                "the first part of this backward was applied). The in-backward update applies one gradient per "
+                "step: call step() after every backward (scale lr for the micro-batch), make one call of the head "
+                "per step (concatenate the batches), or use a torch.optim optimizer for W (docs/optim.md, "
+                "\"What does not combine\")")
         group = self._group_of(param)
         hyper = self._hyper(group)
         state = self.state[param]
-        first = False
         sdt = self._state_dtype(group, param)
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
         names = ("momentum_buffer",) if hyper.kind == "sgd" and hyper.momentum != 0 else (
             ("exp_avg", "exp_avg_sq") if hyper.kind == "adamw" else ())
-        for k in names:
-            if k not in state:
-                state[k] = torch.zeros(param.shape, dtype=sdt, device=param.device)
-                first = True
-        state["step"] += 1
-        self._pending.add(id(param))
-        return IB.Update(param, hyper, state, int(state["step"].item()), first, bool(group.get("sparse", True)),
-                         name, self._finish)
+        new = {k: torch.zeros(param.shape, dtype=sdt, device=param.device) for k in names if k not in state}
+        step = int(state["step"].item()) + 1 if "step" in state else 1
+        # the arithmetic sees the new buffers; the optimizer keeps them (and the step count) at finish()
+        view = {**state, **new}
+        return IB.Update(param, hyper, view, step, bool(new), bool(group.get("sparse", True)), name, self._finish,
+                         new_state=new)
 
     def _finish(self, upd: IB.Update) -> None:
+        state = self.state[upd.param]
+        state.update(upd.new_state)
+        state["step"] = torch.tensor(float(upd.step), dtype=torch.float32)
+        self._pending.add(id(upd.param))
         upd.param.grad = IB.AppliedGrad(upd.param, f"fusedface.optim.{type(self).__name__}")
 
     @torch.no_grad()
@@ -146,8 +148,21 @@ class _InBackward(torch.optim.Optimizer):
             for p in group["params"]:
                 if isinstance(p.grad, IB.AppliedGrad):
                     p.grad = None
+                elif p.grad is not None and id(p) not in self._pending:
+                    self._step_dense(p)
         self._pending.clear()
         return loss
+
+    def _step_dense(self, p) -> None:
+        """A dense ``W.grad`` (the backward did not apply the update: ``backend="reference"``, after
+        :meth:`detach_head`, a ``W`` that reached the loss through another op): the same update, applied
+        to the whole gradient here, as ``torch.optim`` would."""
+        if p.grad.is_sparse:
+            raise IB.InBackwardError(f"fusedface.optim.{type(self).__name__}: a sparse W.grad is not supported")
+        upd = self._begin_update(p)
+        upd.apply(0, p.shape[0], p.grad)
+        upd.finish()
+        p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drops the :class:`AppliedGrad` markers (and any dense gradient) of the parameters."""

@@ -426,3 +426,88 @@ def test_loading_keeps_an_fp32_state_and_row_counts_of_a_bf16_w():
     st = opt.state[head.weight]
     assert st["momentum_buffer"].dtype == torch.float32 and torch.equal(st["momentum_buffer"], buf)
     assert st["row_step"].dtype == torch.int32 and int(st["row_step"][0]) == 301
+
+
+# ----------------------------------------------------------------------- found by review
+
+def test_autograd_grad_of_x_and_backward_inputs_leave_w_alone():
+    """``torch.autograd.grad(loss, x)`` and ``backward(inputs=[x])`` do not ask for dL/dW: W does not move
+    and W.grad is not touched (the update runs only in a backward that accumulates into W)."""
+    for backend in [p.values[0] for p in FUSED_CPU]:
+        head, _ = pair(backend=backend)
+        opt = fusedface.optim.SGD(head.parameters(), lr=0.5)
+        (x, y), = batches(1)
+        before = head.weight.detach().clone()
+        xg = x.clone().requires_grad_(True)
+        gx, = torch.autograd.grad(head(xg, y), xg)
+        assert torch.isfinite(gx).all() and gx.abs().sum() > 0
+        head(xg, y).backward(inputs=[xg])
+        assert torch.equal(head.weight.detach(), before) and head.weight.grad is None, backend
+        head(xg, y).backward()  # the ordinary backward still updates
+        assert not torch.equal(head.weight.detach(), before)
+        opt.step()
+
+
+def test_step_applies_the_update_from_a_dense_gradient():
+    """W.grad formed densely (a reference head, or after detach_head) is stepped by step(), as torch.optim."""
+    head, ref = pair(backend="torch")
+    ref2 = fusedface.ArcFace(D, C, backend="reference", dtype=torch.float64)
+    ref2.load_state_dict(ref.state_dict())
+    opt = fusedface.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    ropt = torch.optim.SGD(ref2.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for x, y in batches(3):
+        for h, o in ((ref, opt), (ref2, ropt)):
+            h(x, y).backward()
+            o.step()
+            o.zero_grad()
+    assert (ref.weight - ref2.weight).abs().max().item() < 1e-12
+
+
+def test_a_failed_backward_changes_no_state():
+    """A retain_graph second backward after step() fails autograd's version check; the optimizer's step
+    count and buffers are as before it (they are kept only when an update finishes)."""
+    head, _ = pair()
+    opt = fusedface.optim.AdamW(head.parameters())
+    (x, y), = batches(1)
+    loss = head(x, y)
+    loss.backward(retain_graph=True)
+    opt.step()
+    with pytest.raises(RuntimeError):
+        loss.backward()
+    assert int(opt.state[head.weight]["step"]) == 1
+    head(x, y).backward()  # the next step is a normal one, not "a second update"
+    opt.step()
+    assert int(opt.state[head.weight]["step"]) == 2
+
+
+def test_sparse_rows_continue_a_momentum_loaded_from_torch_optim():
+    """A torch.optim.SGD state has no step count: sparse per-row counts start at 1, not 0, so the
+    loaded momentum is continued (not replaced by the first step's d)."""
+    from fusedface._inbackward import Hyper, Update
+
+    W = torch.nn.Parameter(torch.randn(10, 4, dtype=torch.float64))
+    buf = torch.randn(10, 4, dtype=torch.float64)
+    g = torch.randn(3, 4, dtype=torch.float64)
+    idx = torch.tensor([1, 4, 7])
+    upd = Update(W, Hyper("sgd", 0.1, 0.0, momentum=0.9), {"momentum_buffer": buf.clone()}, 1, False, True, "t",
+                 lambda u: None)
+    upd.apply_index(idx, g)
+    assert torch.allclose(upd.state["momentum_buffer"][idx], 0.9 * buf[idx] + g)
+    assert torch.equal(upd.state["momentum_buffer"][0], buf[0])  # unsampled rows untouched
+
+
+def test_the_head_used_twice_in_one_loss_names_that_cause():
+    head, _ = pair()
+    opt = fusedface.optim.SGD(head.parameters(), lr=0.1)  # noqa: F841
+    (x, y), = batches(1)
+    with pytest.raises(InBackwardError, match="uses the class matrix twice"):
+        (head(x, y) + head(x, y)).backward()
+
+
+def test_a_deep_copied_head_takes_an_in_backward_optimizer():
+    head, _ = pair()
+    twin = copy.deepcopy(head)
+    fusedface.optim.SGD(twin.parameters(), lr=0.1)
+    h2 = fusedface.ArcFace(D, C, backend="torch", dtype=torch.float64)
+    h2.load_state_dict(head.state_dict(), assign=True)
+    fusedface.optim.SGD(h2.parameters(), lr=0.1)

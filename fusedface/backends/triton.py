@@ -602,9 +602,13 @@ def _backward(ctx, grad, *_):
         # the in-backward optimizer: W (and its state) updated in place by the kernels, no dL/dW returned;
         # a Python call, not triton_step_bwd (that op returns a dense dL/dW)
         upd = _inbackward.begin(ctx.optim_token)
-        dx, _ = step_backward(grad, *ctx.saved_tensors, *ctx.scalars, need_dx, True, upd=upd)
-        upd.finish()
-        return (dx if need_dx else None, None) + (None,) * 17
+        if upd is not None:
+            dx, _ = step_backward(grad, *ctx.saved_tensors, *ctx.scalars, need_dx, True, upd=upd)
+            upd.finish()
+            return (dx if need_dx else None, None) + (None,) * 17
+        need_dW = False  # this backward does not ask for dL/dW (autograd.grad of x, backward(inputs=...))
+        if not need_dx:
+            return (None,) * 19
     dx, dW = torch.ops.fusedface.triton_step_bwd(grad, *ctx.saved_tensors, *ctx.scalars, need_dx, need_dW)
     return (dx if need_dx else None, dW if need_dW else None) + (None,) * 17
 

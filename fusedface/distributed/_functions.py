@@ -334,6 +334,8 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
         # the in-backward optimizer first: a second backward before its step() is refused before the
         # shard it updated is read (the saved W would fail autograd's version check)
         upd = _inbackward.begin(plan.optim_token) if need_dW and plan.optim_token else None
+        if upd is None and plan.optim_token:
+            need_dW = False  # the optimizer's shard, not asked for by this backward
         Wc, lse = ctx.saved_tensors
         opts = plan.opts
         gl = _mean_upstream(plan, grad_rows)
@@ -496,6 +498,8 @@ class NPTShardFunction(torch.autograd.Function):
         b, opts, cdt = plan.batch, plan.opts, plan.cdt
         need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         upd = _inbackward.begin(plan.optim_token) if need_dW and plan.optim_token else None  # first, as above
+        if upd is None and plan.optim_token:
+            need_dW = False  # the optimizer's shard, not asked for by this backward
         Wc, topg, hinge = ctx.saved_tensors
         gl = _mean_upstream(plan, grad_rows)
         if not (need_dx or need_dW):
