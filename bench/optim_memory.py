@@ -74,10 +74,8 @@ def measure(optimizer: str, dense: bool, B: int, D: int, C: int, backend: str, d
 
 def run(args: dict) -> dict:
     """One point in a fresh process (its RSS holds nothing of the other points)."""
-    # a fixed mmap threshold: every large block is mapped on allocation and unmapped on free, so the
-    # resident size follows the live tensors (glibc's dynamic threshold would keep freed 8 MiB slices
-    # in the heap after the first step and hide them from the second step's peak)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    # glibc's fixed mmap threshold (harness.MALLOC_ENV): the resident size follows the live tensors
+    env = dict(os.environ, **harness.MALLOC_ENV)
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(args)],
                          capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
