@@ -15,7 +15,9 @@ What it does:
    On raw inputs the nuisance dominates the cosine: verification there is near chance.
 2. **Training.** An MLP backbone (96 → 512 → 512 → 128, batch norm) and a fusedface head train
    together with SGD (momentum 0.9, weight decay 5e-4), a tqdm bar showing the loss and the
-   training accuracy that the fused pass computes for free (``head.last_accuracy``).
+   training accuracy that the fused pass computes for free (``head.last_accuracy``). The head's
+   class matrix is updated inside the fused backward by ``fusedface.optim.SGD`` (no ``W.grad``;
+   ``--head-optimizer torch`` gives it to the backbone's ``torch.optim.SGD`` instead: the same update).
 3. **Verification.** TAR at FAR = 1e-3 on held-out identities (all genuine pairs, two million
    random impostor pairs, cosine scores), before, during and after training.
 4. **Cost.** Time per training step and the head's peak memory, fusedface against the same head
@@ -265,8 +267,13 @@ def train(a, world, log=print):
     net = backbone(world.in_dim, a.dim)
     head = LOSSES[a.loss](a.dim, a.identities, a.backend, a.scale)
     base_margins = {k: getattr(head, k) for k in MARGIN_ATTRS if isinstance(getattr(head, k, None), float)}
-    opt = torch.optim.SGD([*net.parameters(), *head.parameters()], lr=a.lr, momentum=0.9, weight_decay=5e-4)
-    log(f"head: {head}")
+    sgd = dict(lr=a.lr, momentum=0.9, weight_decay=5e-4)
+    if a.head_optimizer == "in-backward":  # W updated slice by slice inside the fused backward
+        opts = [torch.optim.SGD(net.parameters(), **sgd), ff.optim.SGD(head.parameters(), **sgd)]
+    else:
+        opts = [torch.optim.SGD([*net.parameters(), *head.parameters()], **sgd)]
+    log(f"head: {head}; its class matrix updated by "
+        + ("fusedface.optim.SGD inside the backward" if len(opts) == 2 else "torch.optim.SGD"))
 
     def evaluate():
         net.eval()
@@ -306,7 +313,7 @@ def train(a, world, log=print):
             break
         warm = 0.05
         lr = a.lr * (progress / warm if progress < warm else 0.5 * (1 + math.cos(math.pi * (progress - warm) / (1 - warm))))
-        for group in opt.param_groups:
+        for group in (g for opt in opts for g in opt.param_groups):
             group["lr"] = lr
         frac = min(1.0, progress / a.margin_warmup) if a.margin_warmup > 0 else 1.0
         for k, v in base_margins.items():
@@ -317,9 +324,11 @@ def train(a, world, log=print):
         y = torch.randint(0, a.identities, (a.batch,), generator=g)
         x = world.render(train_z[y], g)
         loss = head(net(x), y)
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
         if a.loss == "kappaface" and (step + 1) % kappa_epoch == 0:
             head.end_epoch()
         if tuning:
@@ -417,6 +426,8 @@ def main(argv=None):
     p.add_argument("--margin-warmup", type=float, default=0.3,
                    help="fraction of training over which the margin ramps from 0 (0: full margin at once)")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--head-optimizer", default="in-backward", choices=["in-backward", "torch"],
+                   help="update W inside the fused backward (fusedface.optim.SGD, default) or with torch.optim.SGD")
     p.add_argument("--threads", default="auto",
                    help="torch threads: a number, or 'auto' (time a few steps with all cores and with one, keep the faster)")
     p.add_argument("--compare-classes", type=int, default=100_000,

@@ -10,11 +10,14 @@ import torch
 from fusedface import demo
 
 
-def test_demo_end_to_end_small(tmp_path, capsys):
+@pytest.mark.parametrize("head_optimizer", ["in-backward", "torch"])
+def test_demo_end_to_end_small(tmp_path, capsys, head_optimizer):
     out = tmp_path / "out"
     demo.main(["--identities", "300", "--heldout", "60", "--per-heldout", "3", "--steps", "25", "--batch", "64",
-               "--time-limit", "60", "--threads", "1", "--no-compare", "--out", str(out)])
+               "--time-limit", "60", "--threads", "1", "--no-compare", "--out", str(out),
+               "--head-optimizer", head_optimizer])
     text = capsys.readouterr().out
+    assert ("fusedface.optim.SGD inside the backward" in text) == (head_optimizer == "in-backward")
     assert "TAR@FAR=1e-3, held-out identities:" in text and "trained 25 steps of 64" in text
     for name in ("demo.md", "demo.json"):
         assert os.path.getsize(out / name) > 0, name
