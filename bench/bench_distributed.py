@@ -25,20 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
-import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402  (peak RSS and timing)
+from fusedface.distributed._spawn import init_local_group, run_local_group  # noqa: E402
 
 HEADS = {
     "arcface": ("ShardedArcFace", {}),
@@ -60,11 +57,7 @@ def _lo_tx_bytes() -> int | None:
 
 
 def _worker(rank, world, port, args, name, outdir):
-    if "lo" in dict(socket.if_nameindex()).values():
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=600))
+    init_local_group(rank, world, port, timeout_s=600, threads=max(1, (os.cpu_count() or 1) // world))
     import fusedface.distributed as FD
 
     try:  # one head per process group, so the RSS figures start from a clean process
@@ -113,31 +106,11 @@ def _worker(rank, world, port, args, name, outdir):
     torch.save(result, os.path.join(outdir, f"{name}-world{world}-rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as outdir:
         for name, world in [(n, w) for n in args.heads for w in args.worlds]:
-            ctx = mp.start_processes(_worker, args=(world, _free_port(), args, name, outdir), nprocs=world,
-                                     join=False, start_method="spawn")
-            deadline = time.monotonic() + args.timeout
-            try:
-                while not ctx.join(timeout=1.0):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"world {world} did not finish in {args.timeout} s")
-            finally:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.terminate()
-                        p.join(5)
-                    if p.is_alive():
-                        p.kill()
-                        p.join()
+            run_local_group(_worker, world, args, name, outdir, timeout=args.timeout)
             for r in range(world):
                 rows.append(torch.load(os.path.join(outdir, f"{name}-world{world}-rank{r}.pt"), weights_only=False))
     return rows

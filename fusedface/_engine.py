@@ -129,14 +129,20 @@ def _nan_if_bad_centres(W, winv, rows):
 
 
 def margin_backward_grads(grad_rows, saved, opts: MarginOptions, kernels, tile: int, need_dx: bool, need_dW: bool,
-                          block=None):
+                          block=None, upd=None):
     """``(dL/dx or None, dL/dW or None)`` from the upstream per-row gradient and ``saved`` (and the
-    forward's kept block, when it kept one)."""
+    forward's kept block, when it kept one). ``upd``: an in-backward update (:mod:`fusedface.optim`)
+    that takes ``dL/dW`` slice by slice (:func:`apply_in_slices`), then ``dL/dW`` comes back None."""
     x, W, y_lab, xinv, winv, f, slope, lse, valid = saved
     gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
     dcy = target_column_grad(opts, f, lse, gl, slope)
-    Gx, dW = kernels.margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, opts, tile, need_dx, need_dW,
-                                     block=block)
+    if upd is not None:
+        Gx = apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels, tile, need_dx, block)
+        dW = None
+        upd.finish()
+    else:
+        Gx, dW = kernels.margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, opts, tile, need_dx, need_dW,
+                                         block=block)
     dx = x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
     return dx, (dW if need_dW else None)
 
@@ -270,7 +276,8 @@ def _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index) 
 def margin_softmax_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m2: torch.Tensor, m3: torch.Tensor,
                        backend: str, scale: float, m1: float, theta_policy: str, negative: str, t: float,
                        grad_mode: str, ignore_index: int, tile: int, keep_block: bool = False,
-                       optim_token: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       optim_token: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rows [B], pred [B] i64, sv [B] i32, lse [B], f [B], slope [B], xinv [B], winv [C], block)``;
     the float outputs are in the accumulation dtype (fp32, fp64 when an input is fp64); ``block`` is
@@ -309,13 +316,19 @@ def margin_softmax_bwd(grad_rows: torch.Tensor, x: torch.Tensor, W: torch.Tensor
     """``(dL/dx [B, D] in x's dtype, dL/dW [C, D] in W's dtype)``; a gradient that is not needed
     comes back as an empty tensor. ``block``: the forward's kept cosines (None or empty: recompute)."""
     opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index)
-    valid = y != ignore_index
-    y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
-    saved = (x.contiguous(), W.contiguous(), y_lab, xinv, winv, f, slope, lse, valid)
-    block = block if block is not None and block.numel() else None
+    saved, block = _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, ignore_index)
     dx, dW = margin_backward_grads(grad_rows, saved, opts, backends.get(backend, x.device), tile,
                                    bool(need_dx), bool(need_dW), block)
     return (dx if dx is not None else x.new_empty(0)), (dW if dW is not None else W.new_empty(0))
+
+
+def _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, ignore_index):
+    """``(saved, block)`` of :func:`margin_backward_grads` from the op's saved tensors (an empty kept
+    block: none)."""
+    valid = y != ignore_index
+    y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
+    saved = (x.contiguous(), W.contiguous(), y_lab, xinv, winv, f, slope, lse, valid)
+    return saved, (block if block is not None and block.numel() else None)
 
 
 @margin_softmax_bwd.register_fake
@@ -346,8 +359,10 @@ def _margin_backward(ctx, grad_rows, *_):
         upd = _inbackward.begin(ctx.optim_token)  # (first: a second backward is refused before W is read)
         if upd is not None:
             x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
-            dx = margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block, ctx.scalars, need_dx,
-                                        upd)
+            backend, *options, tile = ctx.scalars
+            saved, block = _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, options[-1])
+            dx, _ = margin_backward_grads(grad_rows, saved, _margin_opts(*options), backends.get(backend, x.device),
+                                          tile, need_dx, False, block, upd=upd)
             return (dx, None) + (None,) * 14
         need_dW = False  # this backward does not ask for dL/dW (autograd.grad of x, backward(inputs=...))
         if not need_dx:
@@ -356,26 +371,6 @@ def _margin_backward(ctx, grad_rows, *_):
     dx, dW = torch.ops.fusedface.margin_softmax_bwd(grad_rows, x, W, y, lse, f, slope, xinv, winv,
                                                     *ctx.scalars, int(need_dx), int(need_dW), block)
     return (dx if need_dx else None, dW if need_dW else None) + (None,) * 14
-
-
-def margin_backward_update(grad_rows, x, W, y, lse, f, slope, xinv, winv, block, scalars, need_dx, upd):
-    """The backward with an in-backward optimizer (:mod:`fusedface.optim`): ``dL/dW`` is formed one
-    class slice at a time by the backend's tile kernels and each slice is applied to ``W`` (in place)
-    before the next is formed; returns ``dL/dx`` (or None). Every slice's ``dL/dx`` part uses ``W``
-    before its own update. Memory: one ``[slice, D]`` gradient (:func:`fusedface._inbackward.slice_rows`)
-    and its update's temporaries, never a ``[C, D]`` one."""
-    backend, scale, m1, theta_policy, negative, t, grad_mode, ignore_index, tile = scalars
-    opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index)
-    kernels = backends.get(backend, x.device)
-    valid = y != ignore_index
-    y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
-    gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
-    dcy = target_column_grad(opts, f, lse, gl, slope)
-    block = block if block is not None and block.numel() else None
-    x = x.contiguous()
-    Gx = apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels, tile, need_dx, block)
-    upd.finish()
-    return x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
 
 
 def apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels, tile, need_dx, block=None,
@@ -388,7 +383,7 @@ def apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels
     Gx = None
     for lo in range(0, C, n):
         hi = min(lo + n, C)
-        yl = torch.where((y_lab >= lo) & (y_lab < hi), y_lab - lo, torch.full_like(y_lab, -1))
+        yl = _inbackward.slice_labels(y_lab, lo, hi)
         Gs, dWs = kernels.margin_backward(x, W[lo:hi], xinv, winv[lo:hi], yl, f, lse, gl, dcy, opts, min(tile, hi - lo),
                                           need_dx, True, block=None if block is None else block[lo:hi])
         if need_dx:

@@ -122,6 +122,13 @@ def slice_rows(C: int, D: int, device=None) -> int:
     return max(64, min(C, budget // (4 * max(D, 1)) // 64 * 64))
 
 
+def slice_labels(y: torch.Tensor, lo: int, hi: int, elsewhere=-1) -> torch.Tensor:
+    """The labels as columns of the class slice ``lo:hi``: ``y − lo`` where the label falls in it,
+    ``elsewhere`` (an int or a per-row tensor) on the other rows."""
+    inside = (y >= lo) & (y < hi)
+    return torch.where(inside, y - lo, elsewhere if torch.is_tensor(elsewhere) else torch.full_like(y, elsewhere))
+
+
 @dataclass
 class Hyper:
     """One step's hyperparameters of a parameter's group, read when its backward runs."""
@@ -136,6 +143,12 @@ class Hyper:
     beta2: float = 0.999
     eps: float = 1e-8
 
+    def state_names(self) -> tuple[str, ...]:
+        """The state tensors of ``W``'s shape, named as ``torch.optim`` names them."""
+        if self.kind == "sgd":
+            return ("momentum_buffer",) if self.momentum != 0 else ()
+        return ("exp_avg", "exp_avg_sq")
+
 
 class Update:
     """The update of one parameter in one backward. ``apply(lo, hi, g)`` updates rows ``lo:hi`` of
@@ -144,16 +157,14 @@ class Update:
     formed no gradient this step the update of a zero gradient (the dense semantics of Partial FC)."""
 
     def __init__(self, param: torch.Tensor, hyper: Hyper, state: dict, step: int, first: bool, sparse: bool,
-                 owner: str, on_finish, *, new_state: dict | None = None):
+                 on_finish, *, new_state: dict | None = None):
         self.param = param
         self.hyper = hyper
         self.state = state
         self.step = step  # this parameter's step count after this update (AdamW's bias correction)
         self.first = first  # SGD: the momentum buffer is formed by this update (torch.optim's first step)
         self.sparse = sparse
-        self.owner = owner
         self._on_finish = on_finish
-        self.rows_done = 0
         # buffers created by this update: in ``state`` for the arithmetic, kept by the optimizer only
         # when the update finishes (a backward that fails before its first slice leaves no trace)
         self.new_state = new_state or {}
@@ -192,12 +203,6 @@ class Update:
         bc2_sqrt = (1 - h.beta2 ** step) ** 0.5
         p.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(h.eps), value=-(h.lr / bc1))
 
-    def state_names(self) -> tuple[str, ...]:
-        h = self.hyper
-        if h.kind == "sgd":
-            return ("momentum_buffer",) if h.momentum != 0 else ()
-        return ("exp_avg", "exp_avg_sq")
-
     def _run(self, p, g, bufs, first, step):
         """Runs :meth:`_math` in fp32 copies when ``p`` or a buffer is 16-bit, writing back rounded."""
         exact = p.dtype in (torch.float32, torch.float64) and all(b.dtype == p.dtype for b in bufs)
@@ -228,18 +233,17 @@ class Update:
     @torch.no_grad()
     def apply(self, lo: int, hi: int, g: torch.Tensor) -> None:
         """Rows ``lo:hi`` (contiguous) from their gradient."""
-        names = self.state_names()
-        p, bufs = self.param[lo:hi], [self.state[k][lo:hi] for k in names]
-        if self._per_row():
-            first, step = self._row_steps(torch.arange(lo, hi, device=g.device))
-            self._run(p, g, bufs, first, step)
-        else:
-            self._run(p, g, bufs, self.first, self.step)
-        self.rows_done += hi - lo
+        bufs = [self.state[k][lo:hi] for k in self.hyper.state_names()]
+        self._run(self.param[lo:hi], g, bufs, *self._steps(lambda: torch.arange(lo, hi, device=g.device)))
 
-    def _row_steps(self, index):
-        """``(first, step)`` per row: a row is first when it never stepped, or when its buffer was made
-        by this update (momentum switched on); its step count after this update."""
+    def _steps(self, rows):
+        """``(first, step)`` of the rows ``rows()`` (a thunk: the index is only built when needed).
+        Per row, once the sparse semantics started: a row is first when it never stepped, or when its
+        buffer was made by this update (momentum switched on), and its count is advanced. Otherwise
+        the parameter's."""
+        if not self._per_row():
+            return self.first, self.step
+        index = rows()
         rs = self.state["row_step"]
         before = rs.index_select(0, index)
         rs.index_copy_(0, index, before + 1)
@@ -250,20 +254,15 @@ class Update:
         """Rows ``index`` (distinct) from their gradient ``g [len(index), D]``: gathered, updated,
         scattered. Sparse semantics (``sparse=True``): only these rows and their state change, each row
         as if ``torch.optim`` had stepped it alone on the steps it was sampled in."""
-        names = self.state_names()
+        names = self.hyper.state_names()
         p = self.param.index_select(0, index)
         bufs = [self.state[k].index_select(0, index) for k in names]
         if self.sparse:
             self._ensure_row_steps()
-        if self._per_row():
-            first, step = self._row_steps(index)
-        else:
-            first, step = self.first, self.step
-        self._run(p, g, bufs, first, step)
+        self._run(p, g, bufs, *self._steps(lambda: index))
         self.param.index_copy_(0, index, p)
         for k, b in zip(names, bufs):
             self.state[k].index_copy_(0, index, b)
-        self.rows_done += index.numel()
 
     @torch.no_grad()
     def apply_rows_without_grad(self, formed: torch.Tensor) -> None:
@@ -280,11 +279,10 @@ class Update:
             idx = rest[i:i + n]
             self.apply_index(idx, torch.zeros(idx.numel(), D, dtype=self.param.dtype, device=self.param.device))
 
-    def mark_applied(self, rows: int) -> None:
-        """Book-keeping for rows a kernel of a backend updated itself (the Triton step's epilogue):
-        counts them and bumps ``W``'s version counter, as the in-place ops of :meth:`apply` do (a later
-        use of a saved ``W`` then raises instead of reading the updated values)."""
-        self.rows_done += rows
+    def mark_applied(self) -> None:
+        """For rows a kernel of a backend updated itself (the Triton step's epilogue): bumps ``W``'s
+        version counter, as the in-place ops of :meth:`apply` do (a later use of a saved ``W`` then
+        raises instead of reading the updated values)."""
         torch.autograd.graph.increment_version(self.param)
 
     def finish(self) -> None:

@@ -14,7 +14,7 @@ tile budget of the engine, the temporaries of ``torch.optim``'s single-tensor/fo
 """
 from __future__ import annotations
 
-from ._inbackward import SLICE_BYTES, SLICE_BYTES_CUDA, slice_rows
+from ._inbackward import Hyper, slice_rows
 
 MIB = 2**20
 GIB = 2**30
@@ -30,14 +30,13 @@ PER_CLASS_BACKWARD = 8  # bytes per class live in the backward: winv and the bac
 
 
 def state_buffers(optimizer: str, momentum: float = 0.9) -> int:
-    """Tensors of ``W``'s shape the optimizer keeps: SGD 1 with momentum (0 without), AdamW 2."""
-    if optimizer == "sgd":
-        return 1 if momentum else 0
-    if optimizer == "adamw":
-        return 2
+    """Tensors of ``W``'s shape the optimizer keeps (its state names): SGD 1 with momentum (0 without),
+    AdamW 2."""
     if optimizer in (None, "none"):
         return 0
-    raise ValueError(f"optimizer must be 'sgd', 'adamw' or 'none', got {optimizer!r}")
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd', 'adamw' or 'none', got {optimizer!r}")
+    return len(Hyper(optimizer, 0.0, 0.0, momentum=momentum).state_names())
 
 
 def update_temporaries(optimizer: str, *, weight_decay: bool = True, nesterov: bool = False) -> int:
@@ -123,5 +122,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["per_device", "table", "state_buffers", "update_temporaries", "SLICE_BYTES",
-           "SLICE_BYTES_CUDA"]
+__all__ = ["per_device", "table", "state_buffers", "update_temporaries"]

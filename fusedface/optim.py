@@ -37,6 +37,11 @@ InBackwardError = IB.InBackwardError
 AppliedGrad = IB.AppliedGrad
 
 
+def group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict | None:
+    """The ``param_groups`` entry of ``optimizer`` that holds ``param`` (None if none does)."""
+    return next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+
+
 def mark_head_weight(param: torch.Tensor) -> None:
     """Called by the heads for their class matrix: the parameters an in-backward optimizer may drive."""
     param._fusedface_head = True
@@ -44,8 +49,6 @@ def mark_head_weight(param: torch.Tensor) -> None:
 
 class _InBackward(torch.optim.Optimizer):
     """Shared part of :class:`SGD` and :class:`AdamW`: attachment, state, the step protocol."""
-
-    _kind = ""
 
     def __init__(self, params, defaults):
         self._tokens: dict[int, int] = {}  # id(param) -> token
@@ -65,8 +68,8 @@ class _InBackward(torch.optim.Optimizer):
     def _attach(self, p: torch.Tensor) -> None:
         name = type(self).__name__
         if not getattr(p, "_fusedface_head", False):
-            raise TypeError(f"fusedface.optim.{name} applies its update inside a fusedface head's backward, so it takes "
-                            f"the class matrix of a fusedface head (head.parameters()); got a parameter of shape "
+            raise TypeError(f"fusedface.optim.{name} applies its update inside a fusedface head's backward, so it "
+                            f"takes the class matrix of a fusedface head (head.parameters()); got a parameter of shape "
                             f"{tuple(p.shape)} that is not one. Use a torch.optim optimizer for the backbone")
         old = getattr(p, "_fusedface_inbackward", 0)
         if old and old in IB._REGISTRY and IB._REGISTRY[old][0]() is not None:
@@ -93,10 +96,10 @@ class _InBackward(torch.optim.Optimizer):
             pass
 
     def _group_of(self, param):
-        for group in self.param_groups:
-            if any(p is param for p in group["params"]):
-                return group
-        raise IB.InBackwardError("this parameter is not in the optimizer's param_groups any more")
+        group = group_of(self, param)
+        if group is None:
+            raise IB.InBackwardError("this parameter is not in the optimizer's param_groups any more")
+        return group
 
     def _hyper(self, group) -> IB.Hyper:
         raise NotImplementedError
@@ -120,13 +123,12 @@ class _InBackward(torch.optim.Optimizer):
         hyper = self._hyper(group)
         state = self.state[param]
         sdt = self._state_dtype(group, param)
-        names = ("momentum_buffer",) if hyper.kind == "sgd" and hyper.momentum != 0 else (
-            ("exp_avg", "exp_avg_sq") if hyper.kind == "adamw" else ())
-        new = {k: torch.zeros(param.shape, dtype=sdt, device=param.device) for k in names if k not in state}
+        new = {k: torch.zeros(param.shape, dtype=sdt, device=param.device) for k in hyper.state_names()
+               if k not in state}
         step = int(state["step"].item()) + 1 if "step" in state else 1
         # the arithmetic sees the new buffers; the optimizer keeps them (and the step count) at finish()
         view = {**state, **new}
-        return IB.Update(param, hyper, view, step, bool(new), bool(group.get("sparse", True)), name, self._finish,
+        return IB.Update(param, hyper, view, step, bool(new), bool(group.get("sparse", True)), self._finish,
                          new_state=new)
 
     def _finish(self, upd: IB.Update) -> None:
@@ -201,7 +203,6 @@ class SGD(_InBackward):
     (the momentum buffer's dtype; None: ``W``'s) and ``sparse`` (Partial FC: update only the sampled
     rows). Its ``params`` must be fusedface heads' class matrices (``head.parameters()``)."""
 
-    _kind = "sgd"
 
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, state_dtype=None,
                  *, sparse=True):
@@ -229,7 +230,6 @@ class AdamW(_InBackward):
     ``torch.optim.AdamW`` (no ``amsgrad``). ``state_dtype``: the dtype of both moments (None:
     ``W``'s); ``sparse``: Partial FC updates only the sampled rows, each with its own step count."""
 
-    _kind = "adamw"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, state_dtype=None, *,
                  sparse=True):

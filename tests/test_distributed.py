@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fusedface as ff
 import fusedface.distributed as FD
+from fusedface.distributed._spawn import init_local_group, run_local_group
 from conftest import backend_names, make_problem
 
 C = 1001  # not divisible by 2 or 3
@@ -432,11 +430,7 @@ def _triton_checks(comm, world):
 
 
 def _worker(rank, world, port, outdir, scenario="main"):
-    if "lo" in dict(socket.if_nameindex()).values():
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own connections on loopback too
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    init_local_group(rank, world, port)
     try:
         comm = FD.Comm()
         t0 = time.perf_counter()
@@ -460,39 +454,10 @@ def _worker(rank, world, port, outdir, scenario="main"):
 # parent side
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_group(world, outdir, scenario="main", timeout=GROUP_TIMEOUT_S, env=None):
     """Spawn ``world`` processes; every one is gone when this returns (killed on timeout or error).
     ``env``: variables the children start with (set here only while they are spawned)."""
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir), scenario), nprocs=world,
-                                 join=False, start_method="spawn")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world}-process group did not finish within {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    run_local_group(_worker, world, str(outdir), scenario, timeout=timeout, env=env)
     return [torch.load(os.path.join(outdir, f"{scenario}-world{world}-rank{r}.pt"), weights_only=False)
             for r in range(world)]
 

@@ -489,7 +489,7 @@ def test_sparse_rows_continue_a_momentum_loaded_from_torch_optim():
     buf = torch.randn(10, 4, dtype=torch.float64)
     g = torch.randn(3, 4, dtype=torch.float64)
     idx = torch.tensor([1, 4, 7])
-    upd = Update(W, Hyper("sgd", 0.1, 0.0, momentum=0.9), {"momentum_buffer": buf.clone()}, 1, False, True, "t",
+    upd = Update(W, Hyper("sgd", 0.1, 0.0, momentum=0.9), {"momentum_buffer": buf.clone()}, 1, False, True,
                  lambda u: None)
     upd.apply_index(idx, g)
     assert torch.allclose(upd.state["momentum_buffer"][idx], 0.9 * buf[idx] + g)

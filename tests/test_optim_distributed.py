@@ -9,19 +9,17 @@ process without a process group. fp64 throughout, held to 1e-10 (max |error| / m
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import fusedface as ff
 import fusedface.distributed as FD
+from fusedface.distributed._spawn import init_local_group, run_local_group
 from fusedface.optim import AppliedGrad
 
 C = 1009  # not divisible by 2 or 3
@@ -349,11 +347,7 @@ def _agreement_check(comm, world, outdir):
 
 
 def _worker(rank, world, port, outdir):
-    if "lo" in dict(socket.if_nameindex()).values():
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    init_local_group(rank, world, port)
     try:
         comm = FD.Comm()
         res = {}
@@ -372,29 +366,9 @@ def _worker(rank, world, port, outdir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_group(world, outdir, timeout=GROUP_TIMEOUT_S):
     """Spawn ``world`` processes; every one is gone when this returns (killed on timeout or error)."""
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world}-process group did not finish within {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    run_local_group(_worker, world, str(outdir), timeout=timeout)
     return [torch.load(os.path.join(outdir, f"optim-world{world}-rank{r}.pt"), weights_only=False)
             for r in range(world)]
 

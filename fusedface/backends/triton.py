@@ -401,8 +401,11 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
             # one feature chunk: each program owns its class tile of W (the in-backward update relies on it)
             assert cfg.block_d >= D, (cfg.block_d, D)
 
-            def dw_launch(Ws, winv_s, ylab_s, out, optim):
-                sc, ce, s1, s2, stride_s = optim
+            def dw_launch(Ws, winv_s, ylab_s, out, optim=None):
+                """The dW kernel on the classes of ``Ws``: stores dL/dW in ``out``, or with ``optim``
+                (:func:`_optim_kernel_args`) applies the update to ``Ws`` itself."""
+                no_optim = (_NO_OPTIM, dict(OPTIM=0, MOMENTUM=0, ROUND_BITS=0), out, out, 0)
+                sc, ce, s1, s2, stride_s = optim if optim is not None else no_optim
                 _launch(K.step_dw_kernel, (triton.cdiv(Ws.shape[0], cfg.block_n), 1),
                         x, Ws, xinv, winv_s, ylab_s, f, lse, slope, grad, wscale, out, s1, s2, B, Ws.shape[0], D,
                         x.stride(0), Ws.stride(0), out.stride(0), stride_s, float(scale), float(sv_a), float(sv_b),
@@ -413,19 +416,19 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
 
             if upd is None:
                 dW = torch.empty(W.shape, dtype=W.dtype, device=dev)
-                dw_launch(W, winv, ylab, dW, (_NO_OPTIM, dict(OPTIM=0, MOMENTUM=0, ROUND_BITS=0), dW, dW, 0))
+                dw_launch(W, winv, ylab, dW)
             elif opt is not None:  # the update in the dW kernel's epilogue (W is the parameter itself)
                 dw_launch(W, winv, ylab, W, opt)
-                upd.mark_applied(C)
+                upd.mark_applied()
             else:  # what the kernels do not cover: dL/dW slice by slice, each slice through upd.apply
                 n = _inbackward.slice_rows(C, D, W.device)
                 for lo in range(0, C, n):
                     hi = min(lo + n, C)
-                    yl = torch.where((ylab >= lo) & (ylab < hi), ylab - lo,
-                                     torch.where(ylab == -1, ylab, torch.full_like(ylab, -2)))  # -2: valid, not here
+                    # -1 stays an ignored row for the step's kernels; -2: a valid row whose label is elsewhere
+                    yl = _inbackward.slice_labels(ylab, lo, hi,
+                                                  torch.where(ylab == -1, ylab, torch.full_like(ylab, -2)))
                     g = torch.empty((hi - lo, D), dtype=W.dtype, device=dev)
-                    dw_launch(W[lo:hi], winv[lo:hi], yl, g, (_NO_OPTIM, dict(OPTIM=0, MOMENTUM=0, ROUND_BITS=0), g,
-                                                            g, 0))
+                    dw_launch(W[lo:hi], winv[lo:hi], yl, g)
                     upd.apply(lo, hi, g)
         return dx, dW
     # hybrid: per chunk, recompute (cuBLAS), epilogue (dℓ/dc·winv in place, Jacobian coefficient),
@@ -459,7 +462,7 @@ def step_backward(grad, x, W, ylab, lse, f, slope, xinv, winv, ebar, wscale, sca
                 upd.apply(c0, c0 + n, g)
             else:
                 _optim_chunk(g, W, c0, n, opt)
-                upd.mark_applied(n)
+                upd.mark_applied()
         elif need_dW:
             if dW.dtype == torch.float32:
                 torch.mul(Wc32, coef[:n, None], out=dW[c0:c0 + n])
@@ -493,18 +496,18 @@ def _optim_kernel_args(upd, param: torch.Tensor, W: torch.Tensor):
     feature stride and one row stride. The scalars are folded on the host in Python floats, as
     ``torch.optim`` folds them (``fusedface._inbackward.Update._math``)."""
     h = upd.hyper
-    if "row_step" in upd.state or h.kind not in ("sgd", "adamw"):
+    if "row_step" in upd.state:
         return None
     if W.data_ptr() != param.data_ptr() or W.stride() != param.stride() or W.dtype not in _KERNEL_DTYPES:
         return None
-    bufs = [upd.state[k] for k in upd.state_names()]
+    bufs = [upd.state[k] for k in upd.hyper.state_names()]
     if any(b.dtype not in _KERNEL_DTYPES or b.shape != W.shape or b.device != W.device or b.stride(-1) != 1
            or b.stride(0) != bufs[0].stride(0) for b in bufs):
         return None
     sc = dict(_NO_OPTIM)
     if h.kind == "sgd":
-        sc.update(wd=h.weight_decay, momentum=h.momentum, damp1=1 - h.dampening, neg_lr=-h.lr, first=int(bool(upd.first)),
-                  nesterov=int(h.nesterov))
+        sc.update(wd=h.weight_decay, momentum=h.momentum, damp1=1 - h.dampening, neg_lr=-h.lr,
+                  first=int(bool(upd.first)), nesterov=int(h.nesterov))
         ce = dict(OPTIM=1, MOMENTUM=int(h.momentum != 0))
     else:
         bc1 = 1 - h.beta1 ** upd.step

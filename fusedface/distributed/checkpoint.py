@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..optim import group_of
 from ._comm import shard_range, shard_sizes
 
 __all__ = ["save_sharded", "load_sharded", "consolidate", "full_state_dict", "load_full_state_dict"]
@@ -305,9 +306,9 @@ def _optimizer_name(optimizer) -> str:
 
 
 def _group_of(optimizer, param, name: str) -> dict:
-    for group in optimizer.param_groups:
-        if any(p is param for p in group["params"]):
-            return group
+    group = group_of(optimizer, param)
+    if group is not None:
+        return group
     raise ValueError(f"the optimizer ({_optimizer_name(optimizer)}) does not hold the head's parameter {name!r} "
                      "(this rank's shard): pass the optimizer built over the sharded head's parameters")
 
