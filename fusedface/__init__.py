@@ -7,13 +7,15 @@ sources (``fusedface.margins``) and the OTFace transport term (``fusedface.otfac
 from . import functional, margins, optim, otface, reference
 from .backends import available_backends
 from ._validate import set_input_checks
-from .modules import (ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, KappaFace,
-                      MarginSoftmaxHead, MVSoftmax, NPT, OTFace, SphereFace, SVSoftmax)
+from .modules import (AdaFace, ArcFace, CombinedMargin, CosFace, CurricularFace, ElasticArcFace, ElasticCosFace,
+                      KappaFace, MagFace, MarginSoftmaxHead, MVSoftmax, NPT, OTFace, SphereFace, SubCenterArcFace,
+                      SVSoftmax)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "functional", "reference", "margins", "optim", "otface", "available_backends", "set_input_checks", "__version__",
     "MarginSoftmaxHead", "ArcFace", "CosFace", "CombinedMargin", "SphereFace", "ElasticArcFace",
-    "ElasticCosFace", "KappaFace", "SVSoftmax", "MVSoftmax", "NPT", "OTFace",
+    "ElasticCosFace", "KappaFace", "SVSoftmax", "MVSoftmax", "NPT", "OTFace", "AdaFace", "CurricularFace", "MagFace",
+    "SubCenterArcFace",
 ]

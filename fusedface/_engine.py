@@ -60,18 +60,37 @@ def choose_tile(B: int, D: int, C: int, budget: int | None = None, tile: int | N
     return min(t, C)
 
 
+CLIP_EPS = 1e-3  # AdaFace's eps: the target cosine in [-1 + eps, 1 - eps], the angle in [eps, pi - eps]
+
+
+def _target_angle(raw_y, opts: MarginOptions, m2):
+    """``(c_y, pass, angle, angle_pass)``: the clamped target cosine, where its clamp passes the
+    gradient, the angle ``m1·θ + m2`` (clipped to ``[eps, π − eps]`` under ``"clip"``) and where that
+    clip passes it."""
+    lim = 1.0 - CLIP_EPS if opts.theta_policy == "clip" else 1.0
+    in_y = (raw_y >= -lim) & (raw_y <= lim)
+    c_y = raw_y.clamp(-lim, lim)
+    angle = opts.m1 * torch.acos(c_y) + m2
+    if opts.theta_policy != "clip":
+        return c_y, in_y, angle, None
+    inside = (angle >= CLIP_EPS) & (angle <= math.pi - CLIP_EPS)
+    return c_y, in_y, angle.clamp(CLIP_EPS, math.pi - CLIP_EPS), inside
+
+
 def target_transform(raw_y, opts: MarginOptions, m2, m3):
     """``(f, slope)`` per row from the raw (unclamped) target cosines (SPEC §2): ``f_b = T(c_y)``
     with the theta policy applied, and ``dT/dc`` at ``c_y`` (1 under ``straight_through``, 0 where
     the raw cosine left ``[-1, 1]`` and the clamp blocks the gradient). ``m2``, ``m3``: ``[B]``.
-    Shared by the single-process prologue and the sharded one (``fusedface.distributed``)."""
-    in_y = (raw_y >= -1.0) & (raw_y <= 1.0)
-    c_y = raw_y.clamp(-1.0, 1.0)
-    theta = torch.acos(c_y)
-    angle = opts.m1 * theta + m2
+    Shared by the single-process prologue and the sharded one (``fusedface.distributed``).
+
+    ``"clip"`` (AdaFace, Kim et al. 2022): ``c_y`` clamped to ``[−1 + ε, 1 − ε]`` and the angle
+    ``m1·θ + m2`` to ``[ε, π − ε]`` (ε = 1e-3), each clamp blocking the gradient where it acts."""
+    c_y, in_y, angle, inside = _target_angle(raw_y, opts, m2)
     f = torch.cos(angle) - m3
     slope = opts.m1 * torch.sin(angle) / torch.sqrt(torch.clamp(1.0 - c_y * c_y, min=EPS_SIN2))
     one = torch.ones_like(slope)
+    if inside is not None:
+        slope = slope * inside.to(slope.dtype)
     if opts.theta_policy == "threshold":
         past = angle > math.pi
         f = torch.where(past, c_y - m2 * torch.sin(m2) - m3, f)
@@ -85,6 +104,22 @@ def target_transform(raw_y, opts: MarginOptions, m2, m3):
     return f, slope * in_y.to(slope.dtype)
 
 
+def margin_slope(raw_y, opts: MarginOptions, m2):
+    """``dT/dm2`` per row (``dT/dm3`` is −1): ``−sin(m1·θ + m2)``; past π under ``"threshold"``
+    ``−(sin m2 + m2·cos m2)``; 0 where ``"easy"`` keeps ``c`` or ``"clip"`` clips the angle. Exact in
+    every ``grad_mode`` (``straight_through`` concerns ``dT/dc`` only). What a differentiable per-row
+    margin (MagFace) needs from the label column."""
+    c_y, _, angle, inside = _target_angle(raw_y, opts, m2)
+    d = -torch.sin(angle)
+    if inside is not None:
+        d = d * inside.to(d.dtype)
+    if opts.theta_policy == "threshold":
+        d = torch.where(angle > math.pi, -(torch.sin(m2) + m2 * torch.cos(m2)), d)
+    elif opts.theta_policy == "easy":
+        d = torch.where(c_y > 0, d, torch.zeros_like(d))
+    return d
+
+
 def margin_prologue(x, W, y, opts: MarginOptions, m2, m3, cdt):
     """O(B·D) work before the pass: norms, target cosines, ``f_b`` and ``dT/dc`` per row."""
     B = x.shape[0]
@@ -93,9 +128,19 @@ def margin_prologue(x, W, y, opts: MarginOptions, m2, m3, cdt):
     y_safe = y_lab.clamp(min=0)
     xinv = inverse_norms(x, cdt)
     winv = inverse_norms(W, cdt)
-    raw_y = (x.to(cdt) * W[y_safe].to(cdt)).sum(dim=1) * xinv * winv[y_safe]
+    raw_y = label_raw_cosines(x, W, y_safe, xinv, winv, opts.subcenters, cdt)
     f, slope = target_transform(raw_y, opts, row_margin(m2, B, x.device, cdt), row_margin(m3, B, x.device, cdt))
     return valid, y_lab, xinv, winv, raw_y.clamp(-1.0, 1.0), f, slope
+
+
+def label_raw_cosines(x, W, y_safe, xinv, winv, K: int, cdt):
+    """Raw target cosines ``x̂_b·ŵ_{y_b}`` in O(B·K·D): with ``K`` sub-centres per class (``W`` of
+    ``[C·K, D]``, class ``j``'s at rows ``j·K … j·K + K − 1``) the largest over the label's sub-centres."""
+    if K == 1:
+        return (x.to(cdt) * W[y_safe].to(cdt)).sum(dim=1) * xinv * winv[y_safe]
+    rows = y_safe[:, None] * K + torch.arange(K, device=y_safe.device)  # [B, K]
+    raw = torch.einsum("bd,bkd->bk", x.to(cdt), W[rows].to(cdt)) * xinv[:, None] * winv[rows]
+    return raw.max(dim=1).values
 
 
 def target_column_grad(opts: MarginOptions, f, lse, gl, slope):
@@ -103,20 +148,44 @@ def target_column_grad(opts: MarginOptions, f, lse, gl, slope):
     return opts.scale * (torch.exp(opts.scale * f - lse) - 1.0) * gl * slope
 
 
-def margin_forward_rows(x, W, y, m2, m3, opts: MarginOptions, kernels, tile: int, keep_block: bool = False):
+def margin_forward_rows(x, W, y, m2, m3, opts: MarginOptions, kernels, tile: int, keep_block: bool = False, rt=None):
     """The forward of the fused margin softmax: prologue, one kernel pass, per-row losses.
 
-    Returns ``(rows, pred, sv, saved, block)`` with ``saved = (x, W, y_lab, xinv, winv, f, slope, lse,
-    valid)`` (``x`` and ``W`` contiguous): everything :func:`margin_backward_grads` needs, and the
-    kernels' kept block (None unless ``keep_block``)."""
+    Returns ``(rows, pred, sv, saved, block)`` with ``saved = (x, W, y_lab, xinv, winv, f, slope,
+    lse, valid, rt)`` (``x`` and ``W`` contiguous): everything :func:`margin_backward_grads` needs, and the
+    kernels' kept block (None unless ``keep_block``).
+    ``rt``: CurricularFace's per-row ``t`` (``[B]``, accumulation dtype) for ``negative="curricular"``."""
     cdt = compute_dtype(x, W)
     x = x.contiguous()
     W = W.contiguous()
+    check_kernels(kernels, opts, keep_block)
+    B = x.shape[0]
     valid, y_lab, xinv, winv, c_y, f, slope = margin_prologue(x, W, y, opts, m2, m3, cdt)
-    lse, pred, sv, block = kernels.margin_forward(x, W, xinv, winv, y_lab, f, opts, tile, keep_block=keep_block)
+    rt = row_t(rt, opts, B, x.device, cdt)
+    lse, pred, sv, block = kernels.margin_forward(x, W, xinv, winv, y_lab, f, opts, tile, keep_block=keep_block,
+                                                  **({"rt": rt} if rt is not None else {}))
     rows = _nan_if_bad_centres(W, winv, lse - opts.scale * f)
     rows = torch.where(valid, rows, torch.zeros_like(lse))
-    return rows, pred, sv, (x, W, y_lab, xinv, winv, f, slope, lse, valid), block
+    return rows, pred, sv, (x, W, y_lab, xinv, winv, f, slope, lse, valid, rt), block
+
+
+def check_kernels(kernels, opts: MarginOptions, keep_block: bool = False) -> None:
+    """Refuses options a backend's kernels do not implement (instead of a silently wrong loss)."""
+    if not opts.seed_family and not getattr(kernels, "MARGIN_EXTENSIONS", False):
+        raise ValueError(f"backend={kernels.name!r} does not implement theta_policy='clip', negative='curricular', "
+                         "interclass_threshold or subcenters > 1 yet; use backend='torch'")
+    if keep_block and opts.subcenters > 1:
+        raise ValueError("the kept block of cosines (margin_softmax_loss_kept_block) holds one centre per class; with "
+                         "subcenters > 1 use fusedface.functional.margin_softmax_loss")
+
+
+def row_t(rt, opts: MarginOptions, B: int, device, cdt):
+    """CurricularFace's ``t`` as the kernels' per-row tensor (None for the other rewrites)."""
+    if opts.negative != "curricular":
+        return None
+    if rt is None:
+        rt = opts.t
+    return row_margin(rt, B, device, cdt)
 
 
 def _nan_if_bad_centres(W, winv, rows):
@@ -133,16 +202,16 @@ def margin_backward_grads(grad_rows, saved, opts: MarginOptions, kernels, tile: 
     """``(dL/dx or None, dL/dW or None)`` from the upstream per-row gradient and ``saved`` (and the
     forward's kept block, when it kept one). ``upd``: an in-backward update (:mod:`fusedface.optim`)
     that takes ``dL/dW`` slice by slice (:func:`apply_in_slices`), then ``dL/dW`` comes back None."""
-    x, W, y_lab, xinv, winv, f, slope, lse, valid = saved
+    x, W, y_lab, xinv, winv, f, slope, lse, valid, rt = saved
     gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
     dcy = target_column_grad(opts, f, lse, gl, slope)
     if upd is not None:
-        Gx = apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels, tile, need_dx, block)
+        Gx = apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels, tile, need_dx, block, rt=rt)
         dW = None
         upd.finish()
     else:
         Gx, dW = kernels.margin_backward(x, W, xinv, winv, y_lab, f, lse, gl, dcy, opts, tile, need_dx, need_dW,
-                                         block=block)
+                                         block=block, **({"rt": rt} if rt is not None else {}))
     dx = x_jacobian(x, xinv, Gx).to(x.dtype) if need_dx else None
     return dx, (dW if need_dW else None)
 
@@ -267,29 +336,33 @@ def apply_sparse_in_slices(upd, idx, val, C: int, D: int, dtype, index=None):
 # graph is resolved there); margins as per-row tensors ``[B]``. ``margin_softmax_fwd`` returns what
 # its backward needs besides its inputs; those extra outputs are marked non-differentiable.
 
-def _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index) -> MarginOptions:
+def _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index, interclass=2.0,
+                 subcenters=1) -> MarginOptions:
     return MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
-                         grad_mode=grad_mode, reduction="none", ignore_index=ignore_index)
+                         grad_mode=grad_mode, reduction="none", ignore_index=ignore_index,
+                         interclass_threshold=None if interclass > 1.0 else interclass, subcenters=subcenters)
 
 
 @torch.library.custom_op("fusedface::margin_softmax_fwd", mutates_args=())
 def margin_softmax_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m2: torch.Tensor, m3: torch.Tensor,
                        backend: str, scale: float, m1: float, theta_policy: str, negative: str, t: float,
                        grad_mode: str, ignore_index: int, tile: int, keep_block: bool = False,
-                       optim_token: int = 0
+                       optim_token: int = 0, rt: Optional[torch.Tensor] = None, interclass: float = 2.0,
+                       subcenters: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rows [B], pred [B] i64, sv [B] i32, lse [B], f [B], slope [B], xinv [B], winv [C], block)``;
+    """``(rows [B], pred [B] i64, sv [B] i32, lse [B], f [B], slope [B], xinv [B], winv [C·K], block)``;
     the float outputs are in the accumulation dtype (fp32, fp64 when an input is fp64); ``block`` is
     the kept ``[C, B]`` cosines with ``keep_block`` (backends with ``KEEPS_BLOCK``), else empty.
     ``optim_token``: the in-backward optimizer attached to ``W`` (:mod:`fusedface._inbackward`; 0: none),
-    used by the backward only."""
-    opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index)
+    used by the backward only. ``rt``: CurricularFace's per-row ``t``; ``interclass``: the inter-class
+    filtering threshold (2.0: off); ``subcenters``: centres per class (``W`` is ``[C·K, D]``)."""
+    opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index, interclass, subcenters)
     kernels = backends.get(backend, x.device)
     if keep_block and not getattr(kernels, "KEEPS_BLOCK", False):
         raise ValueError(f"keep_block: backend={kernels.name!r} cannot keep the block of cosines; use backend='native'")
-    rows, pred, sv, saved, block = margin_forward_rows(x, W, y, m2, m3, opts, kernels, tile, keep_block)
-    _, _, _, xinv, winv, f, slope, lse, _ = saved
+    rows, pred, sv, saved, block = margin_forward_rows(x, W, y, m2, m3, opts, kernels, tile, keep_block, rt)
+    _, _, _, xinv, winv, f, slope, lse, _, _ = saved
     cdt = rows.dtype
     block = block if block is not None else x.new_empty(0, dtype=cdt)
     return (rows, pred.to(torch.long), sv.to(torch.int32), lse.to(cdt), f, slope, xinv, winv, block)
@@ -297,11 +370,11 @@ def margin_softmax_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m2: to
 
 @margin_softmax_fwd.register_fake
 def _(x, W, y, m2, m3, backend, scale, m1, theta_policy, negative, t, grad_mode, ignore_index, tile, keep_block=False,
-      optim_token=0):
+      optim_token=0, rt=None, interclass=2.0, subcenters=1):
     cdt = compute_dtype(x, W)
     B, C = x.shape[0], W.shape[0]
     vec = [x.new_empty(B, dtype=cdt) for _ in range(5)]
-    block = x.new_empty((C, B) if keep_block else (0,), dtype=cdt)
+    block = x.new_empty((C // subcenters, B) if keep_block else (0,), dtype=cdt)
     return (vec[0], x.new_empty(B, dtype=torch.long), x.new_empty(B, dtype=torch.int32), vec[1], vec[2],
             vec[3], vec[4], W.new_empty(C, dtype=cdt), block)
 
@@ -311,87 +384,115 @@ def margin_softmax_bwd(grad_rows: torch.Tensor, x: torch.Tensor, W: torch.Tensor
                        lse: torch.Tensor, f: torch.Tensor, slope: torch.Tensor, xinv: torch.Tensor,
                        winv: torch.Tensor, backend: str, scale: float, m1: float, theta_policy: str,
                        negative: str, t: float, grad_mode: str, ignore_index: int, tile: int,
-                       need_dx: int, need_dW: int, block: Optional[torch.Tensor] = None
+                       need_dx: int, need_dW: int, block: Optional[torch.Tensor] = None,
+                       rt: Optional[torch.Tensor] = None, interclass: float = 2.0, subcenters: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dL/dx [B, D] in x's dtype, dL/dW [C, D] in W's dtype)``; a gradient that is not needed
     comes back as an empty tensor. ``block``: the forward's kept cosines (None or empty: recompute)."""
-    opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index)
-    saved, block = _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, ignore_index)
+    opts = _margin_opts(scale, m1, theta_policy, negative, t, grad_mode, ignore_index, interclass, subcenters)
+    saved, block = _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, ignore_index, rt)
     dx, dW = margin_backward_grads(grad_rows, saved, opts, backends.get(backend, x.device), tile,
                                    bool(need_dx), bool(need_dW), block)
     return (dx if dx is not None else x.new_empty(0)), (dW if dW is not None else W.new_empty(0))
 
 
-def _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, ignore_index):
+def _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, ignore_index, rt=None):
     """``(saved, block)`` of :func:`margin_backward_grads` from the op's saved tensors (an empty kept
     block: none)."""
     valid = y != ignore_index
     y_lab = torch.where(valid, y, torch.full_like(y, -1)).long()
-    saved = (x.contiguous(), W.contiguous(), y_lab, xinv, winv, f, slope, lse, valid)
+    saved = (x.contiguous(), W.contiguous(), y_lab, xinv, winv, f, slope, lse, valid, rt)
     return saved, (block if block is not None and block.numel() else None)
 
 
 @margin_softmax_bwd.register_fake
 def _(grad_rows, x, W, y, lse, f, slope, xinv, winv, backend, scale, m1, theta_policy, negative, t,
-      grad_mode, ignore_index, tile, need_dx, need_dW, block=None):
+      grad_mode, ignore_index, tile, need_dx, need_dW, block=None, rt=None, interclass=2.0, subcenters=1):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)
     dW = torch.empty_like(W, memory_format=torch.contiguous_format) if need_dW else W.new_empty(0)
     return dx, dW
 
 
 _MARGIN_SCALARS = slice(5, 14)  # backend … tile among margin_softmax_fwd's inputs
+_MARGIN_INPUTS = 19  # margin_softmax_fwd's inputs (the length of its backward's answer)
 
 
 def _margin_setup_context(ctx, inputs, output):
-    x, W, y = inputs[:3]
+    x, W, y, m2, m3 = inputs[:5]
     rows, pred, sv, lse, f, slope, xinv, winv, block = output
-    ctx.save_for_backward(x, W, y, lse, f, slope, xinv, winv, block)
+    rt = inputs[16] if len(inputs) > 16 else None
+    ctx.save_for_backward(x, W, y, lse, f, slope, xinv, winv, block, m2, rt)
     ctx.scalars = inputs[_MARGIN_SCALARS]
     ctx.optim_token = inputs[15] if len(inputs) > 15 else 0
+    ctx.extensions = (inputs[17] if len(inputs) > 17 else 2.0, inputs[18] if len(inputs) > 18 else 1)
     ctx.mark_non_differentiable(pred, sv, lse, f, slope, xinv, winv, block)
+
+
+def _margin_grads(ctx, grad_rows, dx, dW):
+    """The op's answer: ``dL/dx``, ``dL/dW`` and, for margins that require grad, ``dL/dm2 = dℓ/df·dT/dm2``
+    and ``dL/dm3 = −dℓ/df`` per row, with ``dℓ/df = s·(p_y − 1)·gl`` from the label column (O(B·K·D):
+    the target cosines are gathered again, only when a margin asks for its gradient)."""
+    need_m2, need_m3 = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    dm2 = dm3 = None
+    if need_m2 or need_m3:
+        x, W, y, lse, f, slope, xinv, winv, block, m2, rt = ctx.saved_tensors
+        opts = _margin_opts(*ctx.scalars[1:-1], *ctx.extensions)
+        valid = y != opts.ignore_index
+        gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
+        dldf = opts.scale * (torch.exp(opts.scale * f - lse) - 1.0) * gl
+        if need_m2:
+            y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
+            raw_y = label_raw_cosines(x, W, y_safe, xinv, winv, opts.subcenters, lse.dtype)
+            dm2 = dldf * margin_slope(raw_y, opts, m2.to(lse.dtype))
+        dm3 = -dldf if need_m3 else None
+    return (dx, dW, None, dm2, dm3) + (None,) * (_MARGIN_INPUTS - 5)
 
 
 def _margin_backward(ctx, grad_rows, *_):
     need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    x, W, y, lse, f, slope, xinv, winv, block, _, rt = ctx.saved_tensors
     if not (need_dx or need_dW):
-        return (None,) * 16
+        return _margin_grads(ctx, grad_rows, None, None)
     if need_dW and ctx.optim_token:
         upd = _inbackward.begin(ctx.optim_token)  # (first: a second backward is refused before W is read)
         if upd is not None:
-            x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
             backend, *options, tile = ctx.scalars
-            saved, block = _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, options[-1])
-            dx, _ = margin_backward_grads(grad_rows, saved, _margin_opts(*options), backends.get(backend, x.device),
-                                          tile, need_dx, False, block, upd=upd)
-            return (dx, None) + (None,) * 14
+            saved, block = _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, options[-1], rt)
+            dx, _ = margin_backward_grads(grad_rows, saved, _margin_opts(*options, *ctx.extensions),
+                                          backends.get(backend, x.device), tile, need_dx, False, block, upd=upd)
+            return _margin_grads(ctx, grad_rows, dx, None)
         need_dW = False  # this backward does not ask for dL/dW (autograd.grad of x, backward(inputs=...))
         if not need_dx:
-            return (None,) * 16
-    x, W, y, lse, f, slope, xinv, winv, block = ctx.saved_tensors
+            return _margin_grads(ctx, grad_rows, None, None)
     dx, dW = torch.ops.fusedface.margin_softmax_bwd(grad_rows, x, W, y, lse, f, slope, xinv, winv,
-                                                    *ctx.scalars, int(need_dx), int(need_dW), block)
-    return (dx if need_dx else None, dW if need_dW else None) + (None,) * 14
+                                                    *ctx.scalars, int(need_dx), int(need_dW), block, rt,
+                                                    *ctx.extensions)
+    return _margin_grads(ctx, grad_rows, dx if need_dx else None, dW if need_dW else None)
 
 
 def apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels, tile, need_dx, block=None,
-                    index=None):
+                    index=None, rt=None):
     """Runs ``kernels.margin_backward`` over class slices of ``W`` (the rows the pass ran on) and hands
     each slice's ``dL/dW`` to ``upd``: rows ``lo:hi`` of the parameter, or rows ``index[lo:hi]`` when
-    ``W`` is a gathered Partial FC sample. Returns ``Gx`` summed over the slices (or None)."""
-    C, D = W.shape
-    n = _inbackward.slice_rows(C, D, W.device)
+    ``W`` is a gathered Partial FC sample. Returns ``Gx`` summed over the slices (or None). With
+    ``K = opts.subcenters`` a slice is whole classes: rows ``lo·K : hi·K``."""
+    K = opts.subcenters
+    C, D = W.shape[0] // K, W.shape[1]
+    n = max(1, _inbackward.slice_rows(C * K, D, W.device) // K)
+    extra = {"rt": rt} if rt is not None else {}
     Gx = None
     for lo in range(0, C, n):
         hi = min(lo + n, C)
         yl = _inbackward.slice_labels(y_lab, lo, hi)
-        Gs, dWs = kernels.margin_backward(x, W[lo:hi], xinv, winv[lo:hi], yl, f, lse, gl, dcy, opts, min(tile, hi - lo),
-                                          need_dx, True, block=None if block is None else block[lo:hi])
+        Gs, dWs = kernels.margin_backward(x, W[lo * K:hi * K], xinv, winv[lo * K:hi * K], yl, f, lse, gl, dcy, opts,
+                                          min(tile, hi - lo), need_dx, True,
+                                          block=None if block is None else block[lo:hi], **extra)
         if need_dx:
             Gx = Gs if Gx is None else Gx.add_(Gs)
         if index is None:
-            upd.apply(lo, hi, dWs)
+            upd.apply(lo * K, hi * K, dWs)
         else:
-            upd.apply_index(index[lo:hi], dWs)
+            upd.apply_index(index[lo * K:hi * K], dWs)
     return Gx
 
 
@@ -462,7 +563,7 @@ def _resolved(backend: str, device: torch.device):
 
 
 def margin_softmax(x, W, y, opts: MarginOptions, m2, m3, backend: str, tile: int, *, want_stats: bool = True,
-                   keep_block: bool = False):
+                   keep_block: bool = False, rt=None):
     """The fused margin softmax of the public API (inputs already checked): ``(loss, pred, sv)`` with
     the loss reduced by ``opts.reduction`` (``pred``/``sv`` may be None when ``want_stats`` is
     False). ``backend`` is resolved here, once; a backend with a whole step of its own that applies
@@ -471,15 +572,26 @@ def margin_softmax(x, W, y, opts: MarginOptions, m2, m3, backend: str, tile: int
     if module is None and name == "reference":
         raise ValueError("backend='reference' is the materialised oracle; fusedface.reference computes it")
     token = in_backward_token(W)
-    if (module is not None and not keep_block and hasattr(module, "margin_step") and module.step_applies(x, W)
+    margin_grads = any(isinstance(m, torch.Tensor) and m.requires_grad and torch.is_grad_enabled() for m in (m2, m3))
+    if (module is not None and not keep_block and hasattr(module, "margin_step") and opts.seed_family
+            and not margin_grads and module.step_applies(x, W)
             and (not token or getattr(module, "STEP_IN_BACKWARD", False))):
         return module.margin_step(x, W, y, opts, m2, m3, want_stats, **({"optim_token": token} if token else {}))
     B = x.shape[0]
     cdt = compute_dtype(x, W)
     rows, pred, sv, *_ = torch.ops.fusedface.margin_softmax_fwd(
-        x, W, y, row_margin(m2, B, x.device, cdt), row_margin(m3, B, x.device, cdt), name, opts.scale, opts.m1,
-        opts.theta_policy, opts.negative, opts.t, opts.grad_mode, opts.ignore_index, tile, keep_block, token)
+        x, W, y, margin_vector(m2, B, x.device, cdt), margin_vector(m3, B, x.device, cdt), name, opts.scale, opts.m1,
+        opts.theta_policy, opts.negative, opts.t, opts.grad_mode, opts.ignore_index, tile, keep_block, token,
+        row_t(rt, opts, B, x.device, cdt), opts.filter_threshold, opts.subcenters)
     return reduce_rows(rows, y != opts.ignore_index, opts.reduction), pred, sv
+
+
+def margin_vector(m, B: int, device, dtype) -> torch.Tensor:
+    """A margin as the op's per-row input ``[B]``: a constant, or (a tensor that requires grad, e.g.
+    MagFace's norm-dependent margin) still attached to its graph, so the op returns ``dL/dm`` to it."""
+    if isinstance(m, torch.Tensor) and m.requires_grad and torch.is_grad_enabled():
+        return m.to(device=device, dtype=dtype).expand(B).contiguous()
+    return row_margin(m, B, device, dtype)
 
 
 def in_backward_token(W) -> int:

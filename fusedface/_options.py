@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-THETA_POLICIES = ("none", "threshold", "easy")
-NEGATIVE_REWRITES = ("none", "sv", "mv_fixed", "mv_adaptive")
+THETA_POLICIES = ("none", "threshold", "easy", "clip")
+NEGATIVE_REWRITES = ("none", "sv", "mv_fixed", "mv_adaptive", "curricular")
 GRAD_MODES = ("exact", "straight_through")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -44,9 +44,20 @@ class MarginOptions:
     grad_mode: str = "exact"
     reduction: str = "mean"
     ignore_index: int = -1
+    interclass_threshold: float | None = None
+    subcenters: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "scale", _finite("scale", self.scale))
+        if self.interclass_threshold is not None:
+            thr = _finite("interclass_threshold", self.interclass_threshold)
+            if not -1.0 <= thr <= 1.0:
+                raise ValueError(f"interclass_threshold must be a cosine in [-1, 1] (InsightFace uses 0.2-0.4), or None "
+                                 f"to keep every negative, got {thr}")
+            object.__setattr__(self, "interclass_threshold", thr)
+        if isinstance(self.subcenters, bool) or not isinstance(self.subcenters, int) or self.subcenters < 1:
+            raise ValueError(f"subcenters must be an int >= 1 (sub-centres per class; W then has C·subcenters rows), "
+                             f"got {self.subcenters!r}")
         object.__setattr__(self, "m1", _finite("m1", self.m1))
         object.__setattr__(self, "t", _finite("t", self.t))
         if self.scale <= 0:
@@ -71,7 +82,30 @@ class MarginOptions:
             "sv": (t, t - 1.0),
             "mv_fixed": (1.0, t),
             "mv_adaptive": (t + 1.0, t),
+            "curricular": (0.0, 0.0),
         }[self.negative]
+
+    @property
+    def rewrite3(self) -> tuple[float, float, float]:
+        """``(q, a, b)`` of the general support-vector rewrite ``g = (q·c + a + t_b)·c + b`` (slope
+        ``2q·c + a + t_b``), ``t_b`` the per-row tensor of CurricularFace (``g = c·(t_b + c)``: q = 1,
+        a = b = 0); ``q = 0`` and ``(a, b) =`` :attr:`rewrite` for the affine rewrites of SPEC §2."""
+        if self.negative == "curricular":
+            return (1.0, 0.0, 0.0)
+        return (0.0,) + self.rewrite
+
+    @property
+    def filter_threshold(self) -> float:
+        """The inter-class filtering threshold the kernels compare clamped cosines with: 2.0 (never
+        exceeded) when filtering is off."""
+        return 2.0 if self.interclass_threshold is None else self.interclass_threshold
+
+    @property
+    def seed_family(self) -> bool:
+        """Whether these options stay inside the seed losses' family (what the Triton step covers):
+        no clip policy, no quadratic rewrite, no inter-class filtering, one centre per class."""
+        return (self.theta_policy != "clip" and self.negative != "curricular" and self.interclass_threshold is None
+                and self.subcenters == 1)
 
 
 @dataclass(frozen=True)

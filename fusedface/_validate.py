@@ -142,6 +142,15 @@ def check_row_margin(name: str, m, B: int, device: torch.device):
     return m
 
 
+def check_subcenters(W, K: int) -> int:
+    """The class count ``C`` of a ``W`` with ``K`` sub-centres per class (``[C·K, D]``)."""
+    rows = W.shape[0] if isinstance(W, torch.Tensor) and W.dim() == 2 else None
+    if rows is not None and K > 1 and rows % K:
+        raise ValueError(f"W (class centres) has {rows} rows, not a multiple of subcenters={K}: with K sub-centres per "
+                         "class W is [C·K, D], class j's sub-centres at rows j·K … j·K + K − 1")
+    return rows // K if rows is not None else rows
+
+
 def check_row_margins(m2, m3, B: int, device: torch.device):
     """``(m2, m3)``, each checked by :func:`check_row_margin`."""
     return check_row_margin("m2", m2, B, device), check_row_margin("m3", m3, B, device)

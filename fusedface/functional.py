@@ -10,12 +10,14 @@ it) without building a ``[B, C]`` tensor or a normalised copy of ``W``.
 """
 from __future__ import annotations
 
+import torch
+
 from . import _engine
 from . import reference as R
 from ._engine import choose_tile
 from ._numerics import compute_dtype
 from ._options import MarginOptions, NPTOptions
-from ._validate import check_embeddings_and_centres, check_labels, check_row_margins
+from ._validate import check_embeddings_and_centres, check_labels, check_row_margin, check_row_margins, check_subcenters
 from .backends import check_name as check_backend_name
 from .otface import ot_triplet_loss
 
@@ -23,23 +25,29 @@ __all__ = ["margin_softmax_loss", "npt_loss", "otface_loss", "margin_softmax_los
 
 
 def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0, *, backend="auto",
-                              tile_size=None, tile_budget=None, checked=False, want_stats=True, keep_block=False):
+                              tile_size=None, tile_budget=None, checked=False, want_stats=True, keep_block=False,
+                              rt=None):
     """The loss and per-row statistics ``{"pred", "sv_count", "valid"}`` (used by the heads).
 
     ``checked=True``: the caller (a head) already ran the checks of ``x``, ``W`` and ``y``.
     ``want_stats=False``: the statistics may come back as None (the Triton step then skips them).
-    ``keep_block``: the native backend keeps the forward's cosines for the backward."""
+    ``keep_block``: the native backend keeps the forward's cosines for the backward.
+    ``rt``: CurricularFace's ``t`` as a tensor (0-dim or ``[B]``; ``negative="curricular"`` only)."""
     check_backend_name(backend)
+    C = check_subcenters(W, opts.subcenters)
     if not checked:
         check_embeddings_and_centres(x, W)
-        check_labels(y, x.shape[0], W.shape[0], opts.ignore_index, x.device)
+        check_labels(y, x.shape[0], C, opts.ignore_index, x.device)
     m2, m3 = check_row_margins(m2, m3, x.shape[0], x.device)
+    if rt is not None:
+        rt = check_row_margin("t", rt, x.shape[0], x.device)
     if backend == "reference":
-        return R.margin_softmax_with_stats(x, W, y, opts, m2=m2, m3=m3)
-    B, C = x.shape[0], W.shape[0]
-    tile = choose_tile(B, x.shape[1], C, tile_budget, tile_size)  # (also checks tile_size)
+        return R.margin_softmax_with_stats(x, W, y, opts, m2=m2, m3=m3, **({"t": rt} if rt is not None else {}))
+    B = x.shape[0]
+    tile = choose_tile(B, x.shape[1], C * opts.subcenters, tile_budget, tile_size)  # (also checks tile_size)
+    tile = max(1, tile // opts.subcenters) if tile_size is None else min(tile, C)  # classes per tile
     loss, pred, sv = _engine.margin_softmax(x, W, y, opts, m2, m3, backend, tile, want_stats=want_stats,
-                                            keep_block=keep_block)
+                                            keep_block=keep_block, rt=rt)
     if not want_stats or pred is None:
         return loss, None
     return loss, {"pred": pred, "sv_count": sv, "valid": y != opts.ignore_index}
@@ -47,17 +55,29 @@ def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0, *, b
 
 def margin_softmax_loss(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
                         negative="none", t=0.0, grad_mode="exact", reduction="mean", ignore_index=-1,
-                        backend="auto", tile_size=None):
-    """Margin softmax cross-entropy (ArcFace, CosFace, combined, ElasticFace, KappaFace, SV/MV).
+                        backend="auto", tile_size=None, interclass_threshold=None, subcenters=1):
+    """Margin softmax cross-entropy (ArcFace, CosFace, combined, ElasticFace, KappaFace, SV/MV,
+    AdaFace, CurricularFace, MagFace, sub-center ArcFace).
 
     See :func:`fusedface.reference.margin_softmax_loss` for the formula. ``m2``/``m3`` are floats or
-    per-row tensors ``[B]`` (treated as constants: no gradient flows into them). ``tile_size``
+    per-row tensors ``[B]``; a tensor that requires grad gets ``dL/dm`` (MagFace's norm-dependent
+    margin), computed from the label column in O(B). ``t`` is a float, or for
+    ``negative="curricular"`` also a tensor (CurricularFace's running ``t``, no gradient).
+    ``interclass_threshold``: negatives whose cosine exceeds it are zeroed (InsightFace's inter-class
+    filtering; None: off). ``subcenters``: K centres per class, ``W`` of ``[C·K, D]``. ``tile_size``
     overrides the class-tile width that the fused backends choose from their memory budget.
     """
+    rt = None
+    if isinstance(t, torch.Tensor):
+        if negative != "curricular":
+            raise TypeError(f"t must be a float for negative={negative!r} (a tensor t is CurricularFace's running t, "
+                            "negative='curricular')")
+        rt, t = t, 0.0
     opts = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
-                         grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
+                         grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index,
+                         interclass_threshold=interclass_threshold, subcenters=subcenters)
     return margin_softmax_with_stats(x, W, y, opts, m2, m3, backend=backend, tile_size=tile_size,
-                                     want_stats=False)[0]
+                                     want_stats=False, rt=rt)[0]
 
 
 def npt_loss(x, W, y, *, delta=0.5, k=1, r=1.0, reduction="mean", ignore_index=-1, backend="auto",

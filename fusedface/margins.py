@@ -1,5 +1,6 @@
 """Where the per-row margins come from (SPEC §3): ElasticFace draws and the plus order, KappaFace's
-statistics, κ and margins.
+statistics, κ and margins; AdaFace's norm statistics and margins, CurricularFace's running ``t``,
+MagFace's norm-dependent margin and regulariser.
 
 The heads (:mod:`fusedface.modules`) and the sharded heads (:mod:`fusedface.distributed`) lower
 their margin families to per-row ``m2``/``m3`` vectors here before the fused pass. Everything is
@@ -17,7 +18,9 @@ import torch
 from ._numerics import EPS_NORM, compute_dtype
 
 __all__ = ["elastic_draws", "plus_order", "elastic_margins", "target_cosines", "register_generator",
-           "accumulate_resultants", "mean_resultant_length", "kappa_from_resultant", "kappa_margins"]
+           "accumulate_resultants", "mean_resultant_length", "kappa_from_resultant", "kappa_margins",
+           "adaface_norms", "adaface_update", "adaface_margins", "curricular_update", "magface_norms", "magface_margins",
+           "magface_regularizer"]
 
 
 # ---------------------------------------------------------------- ElasticFace
@@ -96,14 +99,17 @@ def elastic_margins(target_cos, mean, std, *, plus=False, generator=None, valid=
     return plus_order(target_cos, draws, valid) if plus else draws
 
 
-def target_cosines(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
-    """``c_by`` for every row in O(B·D): gathers the B label rows of ``W`` (0 on ignored rows)."""
+def target_cosines(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, ignore_index: int = -1, *,
+                   subcenters: int = 1) -> torch.Tensor:
+    """``c_by`` for every row in O(B·K·D): gathers the label rows of ``W`` (0 on ignored rows); with
+    ``subcenters = K`` (``W`` of ``[C·K, D]``) the largest over the label's K sub-centres."""
     valid = y != ignore_index
     y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
     dt = compute_dtype(x, W)
     xn = torch.nn.functional.normalize(x.detach().to(dt), dim=1, eps=EPS_NORM)
-    wn = torch.nn.functional.normalize(W.detach()[y_safe].to(dt), dim=1, eps=EPS_NORM)
-    c = (xn * wn).sum(dim=1).clamp(-1.0, 1.0)
+    rows = y_safe[:, None] * subcenters + torch.arange(subcenters, device=y.device)  # [B, K]
+    wn = torch.nn.functional.normalize(W.detach()[rows].to(dt), dim=2, eps=EPS_NORM)
+    c = torch.einsum("bd,bkd->bk", xn, wn).max(dim=1).values.clamp(-1.0, 1.0)
     return torch.where(valid, c, torch.zeros_like(c))
 
 
@@ -178,3 +184,84 @@ def kappa_margins(kappa: torch.Tensor, counts: torch.Tensor, *, m0=0.8, temperat
     K = 1.05 * all_max(n.max()).clamp(min=1.0)
     w_n = (torch.cos(math.pi * n / K) + 1.0) / 2.0
     return m0 * (gamma * w_kappa + (1.0 - gamma) * w_n)
+
+
+# ---------------------------------------------------------------- AdaFace
+
+ADAFACE_EPS = 1e-3  # the authors' eps: in σ + eps (and in the target's clip policy, fusedface._engine.CLIP_EPS)
+
+
+def adaface_norms(x: torch.Tensor) -> torch.Tensor:
+    """``clip(‖x_b‖, 0.001, 100)`` per row, detached (AdaFace's "safe norms"), at least fp32."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    return torch.linalg.vector_norm(x.detach(), dim=1, dtype=dt).clamp(0.001, 100.0)
+
+
+@torch.no_grad()
+def adaface_update(batch_mean: torch.Tensor, batch_std: torch.Tensor, norms: torch.Tensor, valid: torch.Tensor,
+                   t_alpha: float, *, all_sum=None) -> None:
+    """AdaFace's running statistics, in place: ``μ ← α·mean(n) + (1 − α)·μ``, ``σ ← α·std(n) + (1 − α)·σ``
+    over the valid rows (unbiased std); μ keeps its value without valid rows, σ with fewer than two.
+    ``all_sum``: sums a tensor over the ranks of a sharded head whose rows differ per rank (None: one
+    process, or rows already global). No host synchronisation."""
+    w = valid.to(norms.dtype)
+    parts = torch.stack([w.sum(), (norms * w).sum()])
+    if all_sum is not None:
+        parts = all_sum(parts)
+    k, total = parts[0], parts[1]
+    mean = total / k.clamp(min=1.0)
+    sq = ((norms - mean) ** 2 * w).sum()
+    if all_sum is not None:
+        sq = all_sum(sq)
+    std = torch.sqrt(sq / (k - 1.0).clamp(min=1.0))
+    new_mean = t_alpha * mean + (1.0 - t_alpha) * batch_mean.to(mean.dtype)
+    new_std = t_alpha * std + (1.0 - t_alpha) * batch_std.to(std.dtype)
+    batch_mean.copy_(torch.where(k >= 1, new_mean, batch_mean.to(mean.dtype)))
+    batch_std.copy_(torch.where(k >= 2, new_std, batch_std.to(std.dtype)))
+
+
+def adaface_margins(x: torch.Tensor, valid: torch.Tensor, batch_mean: torch.Tensor, batch_std: torch.Tensor, *,
+                    margin: float, h: float, t_alpha: float, update: bool, all_sum=None):
+    """AdaFace's per-row ``(m2, m3)`` (Kim et al. 2022): with ``n`` the safe norms (:func:`adaface_norms`),
+    after the running statistics' update (``update``: training mode), ``ẑ = clip(h·(n − μ)/(σ + ε), −1, 1)``,
+    ``m2 = −m·ẑ`` (angular) and ``m3 = m + m·ẑ`` (additive). No gradient (the norms are detached)."""
+    n = adaface_norms(x)
+    if update:
+        adaface_update(batch_mean, batch_std, n, valid, t_alpha, all_sum=all_sum)
+    z = (h * (n - batch_mean.to(n.dtype)) / (batch_std.to(n.dtype) + ADAFACE_EPS)).clamp(-1.0, 1.0)
+    return -margin * z, margin + margin * z
+
+
+# ---------------------------------------------------------------- CurricularFace
+
+@torch.no_grad()
+def curricular_update(t: torch.Tensor, cos_y: torch.Tensor, valid: torch.Tensor, momentum: float, *,
+                      all_sum=None) -> None:
+    """CurricularFace's running ``t ← momentum·mean(c_y) + (1 − momentum)·t`` over the valid rows, in
+    place (unchanged without valid rows). ``all_sum`` as in :func:`adaface_update`."""
+    w = valid.to(cos_y.dtype)
+    parts = torch.stack([w.sum(), (cos_y.detach() * w).sum()])
+    if all_sum is not None:
+        parts = all_sum(parts)
+    mean = parts[1] / parts[0].clamp(min=1.0)
+    new = momentum * mean + (1.0 - momentum) * t.to(mean.dtype)
+    t.copy_(torch.where(parts[0] >= 1, new, t.to(mean.dtype)))
+
+
+# ---------------------------------------------------------------- MagFace
+
+def magface_norms(x: torch.Tensor, l_a: float, u_a: float) -> torch.Tensor:
+    """``a = clamp(‖x_b‖, l_a, u_a)`` per row, with its gradient (MagFace), at least fp32."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    return torch.linalg.vector_norm(x, dim=1, dtype=dt).clamp(l_a, u_a)
+
+
+def magface_margins(a: torch.Tensor, l_a: float, u_a: float, l_margin: float, u_margin: float) -> torch.Tensor:
+    """MagFace's margin ``m(a) = (u_m − l_m)/(u_a − l_a)·(a − l_a) + l_m`` (Meng et al. 2021), linear
+    and increasing in the clamped norm ``a``; differentiable."""
+    return (u_margin - l_margin) / (u_a - l_a) * (a - l_a) + l_margin
+
+
+def magface_regularizer(a: torch.Tensor, u_a: float) -> torch.Tensor:
+    """MagFace's ``g(a) = a/u_a² + 1/a`` per row (convex, its minimum at ``a = u_a``); differentiable."""
+    return a / (u_a * u_a) + 1.0 / a

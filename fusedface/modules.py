@@ -8,6 +8,7 @@ support vector, i.e. a negative whose cosine beats the margin-bent target, over 
 """
 from __future__ import annotations
 
+import math
 
 import torch
 from torch import nn
@@ -17,19 +18,22 @@ from . import functional as FF
 from . import margins as M
 from .optim import mark_head_weight
 from .otface import ot_triplet_loss
+from ._numerics import reduce_rows as R_reduce
 from ._options import MarginOptions, NPTOptions
 from ._validate import check_embeddings_and_centres, check_labels
 
 __all__ = [
     "MarginSoftmaxHead", "ArcFace", "CosFace", "CombinedMargin", "SphereFace", "ElasticArcFace",
-    "ElasticCosFace", "KappaFace", "SVSoftmax", "MVSoftmax", "NPT", "OTFace",
+    "ElasticCosFace", "KappaFace", "SVSoftmax", "MVSoftmax", "NPT", "OTFace", "AdaFace", "CurricularFace",
+    "MagFace", "SubCenterArcFace",
 ]
 
 
 class _ClassCentres(nn.Module):
     """Shared part of every head: ``weight [C, D]``, backend choice and the last statistics."""
 
-    def __init__(self, in_features: int, out_features: int, *, backend="auto", device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, *, backend="auto", device=None, dtype=None,
+                 centres_per_class: int = 1):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
@@ -38,7 +42,8 @@ class _ClassCentres(nn.Module):
         self.backend = backend
         if isinstance(backend, str) and backend in backends.FUSED:
             backends.load(backend)  # imported now, eagerly: a step compiled later finds it (Dynamo does not import)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        rows = out_features * int(centres_per_class)  # (sub-center ArcFace: K rows per class)
+        self.weight = nn.Parameter(torch.empty(rows, in_features, device=device, dtype=dtype))
         self.last_accuracy: torch.Tensor | None = None
         self.last_sv_fraction: torch.Tensor | None = None
         self.reset_parameters()
@@ -83,24 +88,41 @@ class MarginSoftmaxHead(_ClassCentres):
 
     def __init__(self, in_features, out_features, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0,
                  theta_policy="none", negative="none", t=0.0, grad_mode="exact", reduction="mean",
-                 ignore_index=-1, backend="auto", device=None, dtype=None):
-        super().__init__(in_features, out_features, backend=backend, device=device, dtype=dtype)
+                 ignore_index=-1, interclass_threshold=None, subcenters=1, backend="auto", device=None, dtype=None):
         self.options = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
-                                     grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
+                                     grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index,
+                                     interclass_threshold=interclass_threshold, subcenters=subcenters)
+        super().__init__(in_features, out_features, backend=backend, device=device, dtype=dtype,
+                         centres_per_class=self.options.subcenters)
         self.m2 = float(m2)
         self.m3 = float(m3)
+
+    def __setattr__(self, name, value):
+        if name == "options" and "_parameters" not in self.__dict__:
+            object.__setattr__(self, name, value)  # (set before nn.Module.__init__: it sizes the class matrix)
+            return
+        super().__setattr__(name, value)
 
     def row_margins(self, x: torch.Tensor, y: torch.Tensor):
         """``(m2, m3)`` for this batch: floats, or per-row tensors ``[B]``."""
         return self.m2, self.m3
 
+    def row_rewrite(self, x: torch.Tensor, y: torch.Tensor):
+        """The rewrite's ``t`` as a tensor for this batch (CurricularFace's running ``t``), or None:
+        ``options.t``."""
+        return None
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self._check(embeddings, labels, self.options.ignore_index)
-        m2, m3 = self.row_margins(embeddings, labels)
-        loss, stats = FF.margin_softmax_with_stats(embeddings, self.weight, labels, self.options, m2, m3,
-                                                   backend=self.backend, checked=True)
+        loss, stats = self._loss_and_stats(embeddings, labels)
         self._record(labels, stats)
         return loss
+
+    def _loss_and_stats(self, embeddings, labels):
+        self._check(embeddings, labels, self.options.ignore_index)
+        m2, m3 = self.row_margins(embeddings, labels)
+        rt = self.row_rewrite(embeddings, labels)
+        return FF.margin_softmax_with_stats(embeddings, self.weight, labels, self.options, m2, m3,
+                                            backend=self.backend, checked=True, rt=rt)
 
     def extra_repr(self) -> str:
         o = self.options
@@ -108,6 +130,10 @@ class MarginSoftmaxHead(_ClassCentres):
              f"theta_policy={o.theta_policy!r}, grad_mode={o.grad_mode!r}")
         if o.negative != "none":
             s += f", negative={o.negative!r}, t={o.t}"
+        if o.interclass_threshold is not None:
+            s += f", interclass_threshold={o.interclass_threshold}"
+        if o.subcenters > 1:
+            s += f", subcenters={o.subcenters}"
         return s
 
 
@@ -381,3 +407,185 @@ class OTFace(MarginSoftmaxHead):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, ot_weight={self.ot_weight}, ot_margin={self.ot_margin}, "
                 f"ot_eps={self.ot_eps}, ot_iters={self.ot_iters}")
+
+
+class AdaFace(MarginSoftmaxHead):
+    """AdaFace (Kim et al., CVPR 2022, "AdaFace: Quality Adaptive Margin for Face Recognition"): the
+    margin adapts to image quality, read from the embedding norm ``‖x‖``.
+
+    Per row, with ``n = clip(‖x‖, 0.001, 100)`` (detached) and running batch statistics ``μ``, ``σ``:
+    ``ẑ = clip(h·(n − μ)/(σ + ε), −1, 1)`` (ε = 1e-3), the angular margin ``m2 = −m·ẑ`` and the additive
+    one ``m3 = m + m·ẑ``; the target is ``cos(clip(θ + m2, ε, π − ε)) − m3`` with ``θ`` from the target
+    cosine clamped to ``[−1 + ε, 1 − ε]`` (``theta_policy="clip"``). In training mode each call first
+    moves ``μ ← α·mean(n) + (1 − α)·μ`` and ``σ ← α·std(n) + (1 − α)·σ`` (α = ``t_alpha``, unbiased std,
+    over the non-ignored rows; σ keeps its value when fewer than two rows are left), as the authors'
+    code does before it uses them; the statistics start at μ = 20, σ = 100 and live in buffers
+    (``batch_mean``, ``batch_std``: in the ``state_dict``). The embeddings passed in are the backbone's
+    unnormalised features: their norm is the quality proxy.
+    """
+
+    def __init__(self, in_features, out_features, *, margin=0.4, h=0.333, scale=64.0, t_alpha=0.01,
+                 theta_policy="clip", device=None, dtype=None, **kw):
+        super().__init__(in_features, out_features, scale=scale, theta_policy=theta_policy, device=device,
+                         dtype=dtype, **kw)
+        if not 0.0 <= float(t_alpha) <= 1.0:
+            raise ValueError(f"t_alpha must be in [0, 1] (the weight of the new batch in the running statistics), "
+                             f"got {t_alpha}")
+        self.margin, self.h, self.t_alpha = float(margin), float(h), float(t_alpha)
+        self.register_buffer("batch_mean", torch.full((), 20.0, device=device, dtype=torch.float32))
+        self.register_buffer("batch_std", torch.full((), 100.0, device=device, dtype=torch.float32))
+
+    def row_margins(self, x, y):
+        return M.adaface_margins(x, y != self.options.ignore_index, self.batch_mean, self.batch_std,
+                                 margin=self.margin, h=self.h, t_alpha=self.t_alpha, update=self.training)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, margin={self.margin}, h={self.h}, t_alpha={self.t_alpha}")
+
+
+class CurricularFace(MarginSoftmaxHead):
+    """CurricularFace (Huang et al., CVPR 2020, "CurricularFace: Adaptive Curriculum Learning Loss for
+    Deep Face Recognition"): an ArcFace target (``m = 0.5``, the classic fall-back past π,
+    ``theta_policy="threshold"``) and hard negatives (``c > f``) rewritten to ``c·(t + c)``, where ``t``
+    is a running mean of the batch's target cosines: in training mode each call first moves
+    ``t ← momentum·mean(c_y) + (1 − momentum)·t`` (non-ignored rows; no gradient through ``t`` or the
+    mask), then uses it. Early in training ``t`` is near 0 and hard negatives count less than plain
+    ones (easy samples first); as ``t`` grows they count more. ``t`` starts at 0 and is a buffer
+    (in the ``state_dict``). The rewrite is quadratic, ``dg/dc = t + 2c``, fused in every backend.
+    """
+
+    def __init__(self, in_features, out_features, *, margin=0.5, scale=64.0, momentum=0.01, theta_policy="threshold",
+                 device=None, dtype=None, **kw):
+        super().__init__(in_features, out_features, scale=scale, m2=margin, theta_policy=theta_policy,
+                         negative="curricular", device=device, dtype=dtype, **kw)
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] (the weight of the new batch in t), got {momentum}")
+        self.momentum = float(momentum)
+        self.register_buffer("t", torch.zeros((), device=device, dtype=torch.float32))
+
+    def row_rewrite(self, x, y):
+        if self.training:
+            cos_y = M.target_cosines(x, self.weight, y, self.options.ignore_index, subcenters=self.options.subcenters)
+            M.curricular_update(self.t, cos_y, y != self.options.ignore_index, self.momentum)
+        return self.t
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, momentum={self.momentum}"
+
+
+class MagFace(MarginSoftmaxHead):
+    """MagFace (Meng et al., CVPR 2021, "MagFace: A Universal Representation for Face Recognition and
+    Quality Assessment"): the angular margin grows with the embedding norm, and a regulariser pulls
+    the norm of easy samples up, so that the norm measures quality.
+
+    Per row, ``a = clamp(‖x‖, l_a, u_a)`` and ``m(a) = (u_m − l_m)/(u_a − l_a)·(a − l_a) + l_m``: an
+    ArcFace target ``cos(θ + m(a))`` (with the classic fall-back past π, ``theta_policy="threshold"``,
+    as the authors' code without ``easy_margin``). The loss is the softmax cross-entropy plus
+    ``λ_g·mean g(a)`` with ``g(a) = a/u_a² + 1/a``, both with their gradient through ``a`` (the margin
+    is a differentiable per-row tensor: the fused pass returns ``dL/dm`` from the label column).
+    ``last_regularizer`` keeps the last batch's ``mean g(a)`` (detached). ``reduction`` applies to
+    both terms ("sum": the regulariser is summed over the rows too; "none": per-row totals).
+    """
+
+    def __init__(self, in_features, out_features, *, l_a=10.0, u_a=110.0, l_margin=0.45, u_margin=0.8,
+                 lambda_g=35.0, scale=64.0, theta_policy="threshold", **kw):
+        super().__init__(in_features, out_features, scale=scale, theta_policy=theta_policy, **kw)
+        if not 0 < float(l_a) < float(u_a):
+            raise ValueError(f"MagFace needs 0 < l_a < u_a (the norm range), got l_a={l_a}, u_a={u_a}")
+        self.l_a, self.u_a = float(l_a), float(u_a)
+        self.l_margin, self.u_margin, self.lambda_g = float(l_margin), float(u_margin), float(lambda_g)
+        self.last_regularizer: torch.Tensor | None = None
+
+    def row_margins(self, x, y):
+        a = M.magface_norms(x, self.l_a, self.u_a)
+        return M.magface_margins(a, self.l_a, self.u_a, self.l_margin, self.u_margin), 0.0
+
+    def forward(self, embeddings, labels):
+        loss, stats = self._loss_and_stats(embeddings, labels)
+        self._record(labels, stats)
+        valid = labels != self.options.ignore_index
+        g = M.magface_regularizer(M.magface_norms(embeddings, self.l_a, self.u_a), self.u_a).to(loss.dtype)
+        reg = R_reduce(g, valid, self.options.reduction)
+        self.last_regularizer = R_reduce(g, valid, "mean").detach()
+        return loss + self.lambda_g * reg
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, l_a={self.l_a}, u_a={self.u_a}, l_margin={self.l_margin}, "
+                f"u_margin={self.u_margin}, lambda_g={self.lambda_g}")
+
+
+class SubCenterArcFace(MarginSoftmaxHead):
+    """Sub-center ArcFace (Deng et al., ECCV 2020, "Sub-center ArcFace: Boosting Face Recognition by
+    Large-scale Noisy Web Faces"): ``k`` sub-centres per class (``weight`` of ``[C·k, D]``, class
+    ``j``'s at rows ``j·k … j·k + k − 1``); a class's cosine is the largest over its sub-centres,
+    taken inside the fused tile loop (no ``[B, C·k]`` tensor), and the gradient goes to that
+    sub-centre. ArcFace target, s = 64, m = 0.5.
+
+    The paper's cleaning step, after training: accumulate :meth:`nearest_counts` over the dataset,
+    then :meth:`drop_non_dominant` gives a one-centre :class:`ArcFace` head on each class's dominant
+    sub-centre (the one most of its samples are nearest to), and :meth:`keep_mask` flags the samples
+    within ``max_angle`` (75° in the paper) of their class's dominant sub-centre.
+    """
+
+    def __init__(self, in_features, out_features, *, k=3, margin=0.5, scale=64.0, **kw):
+        super().__init__(in_features, out_features, scale=scale, m2=margin, subcenters=k, **kw)
+        self.k = self.options.subcenters
+
+    def _label_cosines(self, x, y):
+        """``[B, k]`` cosines of each row with its label's sub-centres (0 on ignored rows)."""
+        valid = y != self.options.ignore_index
+        y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
+        rows = y_safe[:, None] * self.k + torch.arange(self.k, device=y.device)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        xn = torch.nn.functional.normalize(x.detach().to(dt), dim=1)
+        wn = torch.nn.functional.normalize(self.weight.detach()[rows].to(dt), dim=2)
+        return torch.einsum("bd,bkd->bk", xn, wn) * valid[:, None]
+
+    @torch.no_grad()
+    def nearest_counts(self, embeddings, labels, counts=None):
+        """``counts [C, k]`` (int64) += for each row, one at its label's nearest sub-centre; pass the
+        returned tensor back in over the batches of a dataset. O(B·k·D)."""
+        self._check(embeddings, labels, self.options.ignore_index)
+        if counts is None:
+            counts = torch.zeros(self.out_features, self.k, dtype=torch.long, device=self.weight.device)
+        valid = labels != self.options.ignore_index
+        near = self._label_cosines(embeddings, labels).argmax(dim=1)
+        y_safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        counts.view(-1).index_add_(0, y_safe * self.k + near, valid.to(torch.long))
+        return counts
+
+    @torch.no_grad()
+    def drop_non_dominant(self, counts) -> "ArcFace":
+        """A one-centre :class:`ArcFace` head (same scale, margin, options and backend) whose class ``j``
+        is this head's dominant sub-centre of ``j``: the largest of ``counts[j]`` (the first on ties)."""
+        dominant = self.dominant(counts)
+        o = self.options
+        head = ArcFace(self.in_features, self.out_features, scale=o.scale, margin=self.m2, theta_policy=o.theta_policy,
+                       grad_mode=o.grad_mode, reduction=o.reduction, ignore_index=o.ignore_index,
+                       interclass_threshold=o.interclass_threshold, backend=self.backend,
+                       device=self.weight.device, dtype=self.weight.dtype)
+        rows = torch.arange(self.out_features, device=self.weight.device) * self.k + dominant
+        head.weight.copy_(self.weight[rows])
+        return head
+
+    def dominant(self, counts) -> torch.Tensor:
+        """The dominant sub-centre of each class ``[C]`` from :meth:`nearest_counts`' counts."""
+        if counts.shape != (self.out_features, self.k):
+            raise ValueError(f"counts must be [C={self.out_features}, k={self.k}] (from nearest_counts), "
+                             f"got shape {tuple(counts.shape)}")
+        return counts.argmax(dim=1)
+
+    @torch.no_grad()
+    def keep_mask(self, embeddings, labels, counts, max_angle=75.0) -> torch.Tensor:
+        """``[B]`` bool: rows within ``max_angle`` degrees of their class's dominant sub-centre (the
+        paper's threshold for high-confidence noise is 75°); ignored rows are False."""
+        self._check(embeddings, labels, self.options.ignore_index)
+        valid = labels != self.options.ignore_index
+        cos = self._label_cosines(embeddings, labels)
+        y_safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        dom = self.dominant(counts)[y_safe]
+        c = cos.gather(1, dom[:, None]).squeeze(1)
+        return valid & (c >= math.cos(math.radians(float(max_angle))))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}"

@@ -70,11 +70,12 @@ def _check_inputs(x, W, y, ignore_index):
 
 
 def _margin_vector(name, m, B, device, dtype):
-    """A margin (float or per-row tensor ``[B]``) as a detached vector ``[B]``: margins are constants."""
+    """A margin (float or per-row tensor ``[B]``) as a vector ``[B]``; a tensor keeps its graph, so a
+    margin that requires grad (MagFace's) gets its gradient through the formulas below."""
     if isinstance(m, torch.Tensor):
         if m.dim() > 1 or (m.dim() == 1 and m.shape[0] != B):
             raise ValueError(f"{name} as a tensor must be per-row, shape [B={B}], got shape {tuple(m.shape)}")
-        return m.detach().to(device=device, dtype=dtype).expand(B)
+        return m.to(device=device, dtype=dtype).expand(B)
     return torch.full((B,), float(m), dtype=dtype, device=device)
 
 
@@ -83,21 +84,32 @@ def row_margin(m, B, device, dtype):
     return _margin_vector("margin", m, B, device, dtype)
 
 
-def cosine_matrix(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+def cosine_matrix(x: torch.Tensor, W: torch.Tensor, subcenters: int = 1) -> torch.Tensor:
     """``c = clamp(x̂ ŵᵀ, -1, 1)`` as a materialised ``[B, C]`` matrix (the thing fusedface avoids).
 
     ``torch.clamp`` passes the gradient where ``-1 <= raw <= 1`` and blocks it outside; every
     backend follows the same rule.
+
+    ``subcenters = K`` (Sub-center ArcFace, Deng et al. 2020): ``W`` is ``[C·K, D]`` with class ``j``'s
+    sub-centres at rows ``j·K … j·K + K − 1``; a class's cosine is the largest of its sub-centres'
+    (``torch.max`` sends the gradient to the first one that attains it).
     """
     dt = compute_dtype(x, W)
     xn = F.normalize(x.to(dt), dim=1, eps=EPS_NORM)
     wn = F.normalize(W.to(dt), dim=1, eps=EPS_NORM)
-    return (xn @ wn.t()).clamp(-1.0, 1.0)
+    raw = xn @ wn.t()
+    if subcenters > 1:
+        raw = raw.reshape(raw.shape[0], -1, subcenters).max(dim=2).values
+    return raw.clamp(-1.0, 1.0)
 
 
 def _with_slope(value: torch.Tensor, slope: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """A tensor equal to ``value`` whose derivative with respect to ``c`` is ``slope``."""
-    return value.detach() + slope.detach() * (c - c.detach())
+    """A tensor equal to ``value`` whose derivative with respect to ``c`` is ``slope`` (``value`` keeps
+    its own graph to the margins, which ``c`` is detached from in it)."""
+    return value + slope.detach() * (c - c.detach())
+
+
+ADAFACE_EPS = 1e-3  # AdaFace's eps: cosines clamped to [-1 + eps, 1 - eps], angles clipped to [eps, pi - eps]
 
 
 def target_transform(c, m1: float, m2, m3, theta_policy: str = "none", grad_mode: str = "exact"):
@@ -110,19 +122,33 @@ def target_transform(c, m1: float, m2, m3, theta_policy: str = "none", grad_mode
     Policies for angles past π:
       * ``"none"``: ``f = T(c)``;
       * ``"threshold"`` (ArcFace's original): past ``m1·θ + m2 > π``, ``f = c − m2·sin(m2) − m3``;
-      * ``"easy"``: ``f = T(c)`` where ``c > 0``, else ``f = c``.
+      * ``"easy"``: ``f = T(c)`` where ``c > 0``, else ``f = c``;
+      * ``"clip"`` (AdaFace, Kim et al. 2022): ``c`` clamped to ``[−1 + ε, 1 − ε]`` and the angle to
+        ``[ε, π − ε]``, ``f = cos(clip(m1·θ + m2)) − m3`` with ε = 1e-3; no gradient where a clamp acts.
 
     Gradient (``grad_mode``): ``"exact"`` uses ``dT/dc = m1·sin(m1θ + m2) / sinθ`` with
     ``sinθ = sqrt(max(1 − c², 1e-12))`` (slope 1 on the ``threshold``/``easy`` fall-backs);
     ``"straight_through"`` uses ``dT/dc = 1`` everywhere (InsightFace since Dec 2022).
 
-    ``c``, ``m2``, ``m3`` broadcast together (floats or per-row tensors).
+    ``c``, ``m2``, ``m3`` broadcast together (floats or per-row tensors). Margins that require grad
+    get the exact ``dT/dm2``, ``dT/dm3 = −1`` (in every ``grad_mode``).
     """
-    theta = torch.acos(c.detach())
+    cd = c.detach()
+    gate = torch.ones_like(cd)
+    if theta_policy == "clip":
+        lim = 1.0 - ADAFACE_EPS
+        gate = ((cd >= -lim) & (cd <= lim)).to(cd.dtype)
+        cd = cd.clamp(-lim, lim)
+    theta = torch.acos(cd)
     angle = m1 * theta + m2
+    if theta_policy == "clip":
+        angle = torch.clamp(angle, ADAFACE_EPS, math.pi - ADAFACE_EPS)
     value = torch.cos(angle) - m3
-    sin_theta = torch.sqrt(torch.clamp(1.0 - c.detach() ** 2, min=EPS_SIN2))
-    slope = m1 * torch.sin(angle) / sin_theta
+    sin_theta = torch.sqrt(torch.clamp(1.0 - cd ** 2, min=EPS_SIN2))
+    slope = m1 * torch.sin(angle) / sin_theta * gate
+    if theta_policy == "clip":
+        inside = (m1 * theta + m2 >= ADAFACE_EPS) & (m1 * theta + m2 <= math.pi - ADAFACE_EPS)
+        slope = slope * inside.to(slope.dtype)
     if theta_policy == "threshold":
         past = angle > math.pi
         m2_t = torch.as_tensor(m2, dtype=c.dtype, device=c.device)
@@ -148,12 +174,16 @@ def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Te
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
-def rewritten_negatives(c: torch.Tensor, negative: str, t: float) -> torch.Tensor:
+def rewritten_negatives(c: torch.Tensor, negative: str, t) -> torch.Tensor:
     """The rewritten cosine ``g`` of a support vector (SPEC §2 table), column by column:
     ``"none"``: ``c``; ``"sv"`` (SV-Softmax, Wang et al. 2018): ``t·c + t − 1``; ``"mv_fixed"``:
-    ``c + t``; ``"mv_adaptive"`` (MV-Softmax, Wang et al. 2020): ``(t + 1)·c + t``."""
+    ``c + t``; ``"mv_adaptive"`` (MV-Softmax, Wang et al. 2020): ``(t + 1)·c + t``;
+    ``"curricular"`` (CurricularFace, Huang et al. 2020): ``c·(t + c)`` with ``t`` a float or a
+    per-row tensor ``[B, 1]`` (no gradient flows into ``t``)."""
     if negative == "none":
         return c
+    if negative == "curricular":
+        return c * (t + c)
     if negative == "sv":
         return t * c + t - 1.0
     if negative == "mv_fixed":
@@ -163,12 +193,17 @@ def rewritten_negatives(c: torch.Tensor, negative: str, t: float) -> torch.Tenso
     raise ValueError(f"negative={negative!r} is not in the SPEC §2 table")
 
 
-def margin_softmax_from_cosines(c, y, opts: MarginOptions, m2=0.0, m3=0.0):
+def margin_softmax_from_cosines(c, y, opts: MarginOptions, m2=0.0, m3=0.0, t=None):
     """The margin-softmax loss as a function of a given cosine matrix ``c [B, C]``.
 
     Returns ``(loss, stats)`` with ``stats = {"pred": argmax_j c_bj, "sv_count": number of
     support vectors per row, "valid": rows not ignored}``. Split out so tests can differentiate
     with respect to the cosines themselves (``dℓ/dc = s·(p − onehot)·dg/dc``).
+
+    ``t``: CurricularFace's ``t`` as a tensor (0-dim or ``[B]``), else ``opts.t``.
+    ``opts.interclass_threshold`` (InsightFace's inter-class filtering): a negative whose cosine
+    exceeds it is taken for label noise: its cosine becomes 0 (no gradient) before anything else
+    looks at it, and it is no support vector.
     """
     B, C = c.shape
     valid = y != opts.ignore_index
@@ -179,8 +214,14 @@ def margin_softmax_from_cosines(c, y, opts: MarginOptions, m2=0.0, m3=0.0):
     f = target_transform(c_y, opts.m1, m2, m3, opts.theta_policy, opts.grad_mode)  # [B]
 
     target = F.one_hot(y_safe, C).bool() & valid[:, None]  # [B, C]
-    support = (c.detach() > f.detach()[:, None]) & ~target  # mis-classified negatives; no gradient
-    g = torch.where(support, rewritten_negatives(c, opts.negative, opts.t), c)
+    cn = c
+    filtered = torch.zeros_like(target)
+    if opts.interclass_threshold is not None:
+        filtered = (c.detach() > opts.interclass_threshold) & ~F.one_hot(y_safe, C).bool()
+        cn = torch.where(filtered, torch.zeros_like(c), c)
+    support = (c.detach() > f.detach()[:, None]) & ~target & ~filtered  # mis-classified negatives; no gradient
+    tt = opts.t if t is None else _margin_vector("t", t, B, c.device, c.dtype).detach()[:, None]
+    g = torch.where(support, rewritten_negatives(cn, opts.negative, tt), cn)
     z = opts.scale * torch.where(target, f[:, None].expand_as(c), g)
     rows = torch.logsumexp(z, dim=1) - opts.scale * f
     loss = _reduce(rows, valid, opts.reduction)
@@ -188,15 +229,19 @@ def margin_softmax_from_cosines(c, y, opts: MarginOptions, m2=0.0, m3=0.0):
     return loss, stats
 
 
-def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0):
+def margin_softmax_with_stats(x, W, y, opts: MarginOptions, m2=0.0, m3=0.0, t=None):
     """The margin-softmax loss plus per-row statistics, materialised (see
     :func:`margin_softmax_from_cosines`)."""
-    _check_inputs(x, W, y, opts.ignore_index)
-    return margin_softmax_from_cosines(cosine_matrix(x, W), y, opts, m2=m2, m3=m3)
+    K = opts.subcenters
+    if W.dim() == 2 and W.shape[0] % K:
+        raise ValueError(f"W has {W.shape[0]} rows, not a multiple of subcenters={K}")
+    _check_inputs(x, W[::K] if W.dim() == 2 else W, y, opts.ignore_index)
+    return margin_softmax_from_cosines(cosine_matrix(x, W, K), y, opts, m2=m2, m3=m3, t=t)
 
 
 def margin_softmax_loss(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
-                        negative="none", t=0.0, grad_mode="exact", reduction="mean", ignore_index=-1):
+                        negative="none", t=0.0, grad_mode="exact", reduction="mean", ignore_index=-1,
+                        interclass_threshold=None, subcenters=1):
     """Margin softmax cross-entropy, materialised (SPEC §2).
 
     Per row ``b`` with label ``y``: ``f_b`` is :func:`target_transform` of the target cosine.
@@ -207,11 +252,18 @@ def margin_softmax_loss(x, W, y, *, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_po
     gradient. Then ``ℓ_b = logsumexp_k(s·g_bk with s·f_b at k = y) − s·f_b``, reduced by
     ``"mean"`` over non-ignored rows, ``"sum"`` or ``"none"``.
 
-    ``m2``/``m3`` are floats or per-row tensors ``[B]`` (ElasticFace, KappaFace).
+    ``m2``/``m3`` are floats or per-row tensors ``[B]`` (ElasticFace, KappaFace, AdaFace; MagFace's
+    require grad and get it). ``negative="curricular"``: support vectors become ``c·(t + c)``
+    (CurricularFace), ``t`` a float or a tensor. ``interclass_threshold``: see
+    :func:`margin_softmax_from_cosines`. ``subcenters``: see :func:`cosine_matrix`.
     """
+    tt = None
+    if isinstance(t, torch.Tensor):
+        tt, t = t, 0.0
     opts = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
-                         grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
-    return margin_softmax_with_stats(x, W, y, opts, m2=m2, m3=m3)[0]
+                         grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index,
+                         interclass_threshold=interclass_threshold, subcenters=subcenters)
+    return margin_softmax_with_stats(x, W, y, opts, m2=m2, m3=m3, t=tt)[0]
 
 
 def npt_loss(x, W, y, *, delta=0.5, k=1, r=1.0, reduction="mean", ignore_index=-1):

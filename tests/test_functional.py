@@ -16,7 +16,9 @@ POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
 # SPEC §7, as written there
 MARGIN = [("x", POS, None), ("W", POS, None), ("y", POS, None), ("scale", KW, 64.0), ("m1", KW, 1.0), ("m2", KW, 0.0),
           ("m3", KW, 0.0), ("theta_policy", KW, "none"), ("negative", KW, "none"), ("t", KW, 0.0),
-          ("grad_mode", KW, "exact"), ("reduction", KW, "mean"), ("ignore_index", KW, -1)]
+          ("grad_mode", KW, "exact"), ("reduction", KW, "mean"), ("ignore_index", KW, -1),
+          # issue 16 (beyond the seeds): InsightFace's inter-class filtering and sub-center ArcFace
+          ("interclass_threshold", KW, None), ("subcenters", KW, 1)]
 NPT = [("x", POS, None), ("W", POS, None), ("y", POS, None), ("delta", KW, 0.5), ("k", KW, 1), ("r", KW, 1.0),
        ("reduction", KW, "mean"), ("ignore_index", KW, -1)]
 BACKEND = [("backend", KW, "auto")]
@@ -28,7 +30,7 @@ def _check(fn, spec):
         assert name in params, f"{fn.__module__}.{fn.__name__} has no parameter {name!r}"
         p = params[name]
         assert p.kind == kind, f"{fn.__name__}({name}): {p.kind} != {kind}"
-        if default is None:
+        if default is None and kind == POS:  # (a positional spec entry without default: required)
             assert p.default is inspect.Parameter.empty, f"{fn.__name__}({name}) must be required"
         else:
             assert p.default == default and type(p.default) is type(default), \

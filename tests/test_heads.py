@@ -173,7 +173,7 @@ def test_elastic_generator_reproducible_and_in_state_dict():
 
 def test_heads_accept_bad_options_with_clear_errors():
     with pytest.raises(ValueError, match="theta_policy"):
-        ff.ArcFace(4, 4, theta_policy="clip")
+        ff.ArcFace(4, 4, theta_policy="clamp")
     with pytest.raises(ValueError, match="scale"):
         ff.CosFace(4, 4, scale=0)
     with pytest.raises(ValueError, match="margin_type"):
