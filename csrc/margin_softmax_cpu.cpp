@@ -93,7 +93,8 @@ struct Plan {
 // budget grows as 1/D below D = 512 (2 MiB at D <= 128: 1.14 vs 1.21 of mm4 at C = 100,000, D = 128,
 // best of 10 interleaved runs; at D = 512, 512 KiB stayed best). Both are cache-friendly enough: the
 // epilogues stream the tile once or twice, the GEMM reads it once.
-Plan make_plan(int64_t B, int64_t C, int64_t D, int64_t tile, size_t elt, bool bf16_gemm = false) {
+// K: rows of W per class (sub-centres); a tile of `cols` classes then holds cols·K rows of products.
+Plan make_plan(int64_t B, int64_t C, int64_t D, int64_t tile, size_t elt, bool bf16_gemm = false, int64_t K = 1) {
   Plan p;
   p.B = B;
   p.C = C;
@@ -101,7 +102,7 @@ Plan make_plan(int64_t B, int64_t C, int64_t D, int64_t tile, size_t elt, bool b
   p.rows = std::min<int64_t>(B, env_int("FUSEDFACE_NATIVE_ROW_BLOCK", 1024));
   const int64_t grow = bf16_gemm ? std::clamp<int64_t>(512 / std::max<int64_t>(D, 1), 1, 4) : 1;
   const int64_t budget = env_int("FUSEDFACE_NATIVE_TILE_BYTES", grow * 512 * 1024);
-  int64_t cols = budget / (p.rows * static_cast<int64_t>(elt));
+  int64_t cols = budget / (p.rows * static_cast<int64_t>(elt) * K);
   cols = std::max<int64_t>(16, std::min<int64_t>(4096, cols / 16 * 16));
   p.cols = std::max<int64_t>(1, std::min({cols, tile, C}));
   p.ntiles = (C + p.cols - 1) / p.cols;
@@ -264,12 +265,13 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv, const at::Tensor& winv,
     const at::Tensor& y, const at::Tensor& f, double scale, double a, double b, int64_t tile,
-    bool keep_block, bool bf16_gemm) {
+    bool keep_block, bool bf16_gemm, double q, const at::Tensor& rt, double thr, int64_t K) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  const int64_t B = x.size(0), C = W.size(0), D = x.size(1);
-  // bf16-GEMM mode: bf16 tiles (the kept block holds fp32 cosines, so it keeps the exact GEMM)
-  const bool g16 = use_bf16_gemm<T>(bf16_gemm, x, W) && !keep_block;
-  const Plan plan = make_plan(B, C, D, tile, sizeof(T), g16);
+  const int64_t B = x.size(0), C = W.size(0) / K, D = x.size(1);  // C classes of K rows each
+  // bf16-GEMM mode: bf16 tiles (the kept block holds fp32 cosines, so it keeps the exact GEMM); not
+  // with sub-centres (their backward has no bf16-GEMM route, and both passes must see one cosine)
+  const bool g16 = use_bf16_gemm<T>(bf16_gemm, x, W) && !keep_block && K == 1;
+  const Plan plan = make_plan(B, C, D, tile, sizeof(T), g16, K);
   const int64_t nw = plan.workers;
 
   const at::Tensor xT = g16 ? x.t().contiguous() : x.to(acc).t().contiguous();  // [D, B]
@@ -286,27 +288,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   at::Tensor cidx = at::zeros({nw, B}, opt.dtype(at::kInt));
   at::Tensor nsv = at::zeros({nw, B}, opt.dtype(at::kInt));
 
-  const Margin<T> mg{static_cast<T>(scale), static_cast<T>(a), static_cast<T>(b)};
+  const Margin<T> mg{static_cast<T>(scale), static_cast<T>(a), static_cast<T>(b), static_cast<T>(q),
+                     static_cast<T>(thr)};
   const T* winv_p = winv_c.data_ptr<T>();
-  const Rows<T> rows_all{xinv_c.data_ptr<T>(), f_c.data_ptr<T>(), sf.data_ptr<T>(), y32.data_ptr<int32_t>()};
+  const at::Tensor rt_c = rt.defined() ? rt.contiguous() : at::Tensor();
+  const Rows<T> rows_all{xinv_c.data_ptr<T>(), f_c.data_ptr<T>(), sf.data_ptr<T>(), y32.data_ptr<int32_t>(),
+                         rt_c.defined() ? rt_c.data_ptr<T>() : nullptr};
 
   OneDnnBf16Matmul bf16_units(both_bf16(x, W) && !g16);  // exact: every operand is a bf16 value
   at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set again in each worker
     for (int64_t w = w0; w < w1; ++w) {
-      at::Tensor sbuf = keep_block ? at::Tensor() : at::empty({plan.cols, plan.rows}, opt);
+      at::Tensor sbuf = keep_block ? at::Tensor() : at::empty({plan.cols * K, plan.rows}, opt);
       at::Tensor sbuf16 = g16 ? at::empty({plan.cols, plan.rows}, opt.dtype(at::kBFloat16)) : at::Tensor();
-      at::Tensor wbuf = (g16 || W.scalar_type() == acc) ? at::Tensor() : at::empty({plan.cols, D}, opt);
+      at::Tensor wbuf = (g16 || W.scalar_type() == acc) ? at::Tensor() : at::empty({plan.cols * K, D}, opt);
+      at::Tensor rbuf = K > 1 ? at::empty({plan.cols, plan.rows}, opt) : at::Tensor();  // classes' r
       const ForwardState<T> st_w{m.data_ptr<T>() + w * B, l.data_ptr<T>() + w * B, cbest.data_ptr<T>() + w * B,
                                  cidx.data_ptr<int32_t>() + w * B, nsv.data_ptr<int32_t>() + w * B};
       for (int64_t t = plan.tile_begin(w); t < plan.tile_begin(w + 1); ++t) {
         const int64_t j0 = t * plan.cols, nc = std::min(plan.cols, C - j0);
-        const at::Tensor Wt = w_tile(W, wbuf, j0, nc);  // [nc, D]
+        const at::Tensor Wt = w_tile(W, wbuf, j0 * K, nc * K);  // [nc·K, D]
         for (int64_t b0 = 0; b0 < B; b0 += plan.rows) {
           const int64_t nr = std::min(plan.rows, B - b0);
           at::Tensor S = keep_block ? block.narrow(0, j0, nc).narrow(1, b0, nr)
-                                    : sbuf.narrow(0, 0, nc).narrow(1, 0, nr);  // [nc, nr]
-          const Rows<T> rp{rows_all.xinv + b0, rows_all.f + b0, rows_all.sf + b0, rows_all.y + b0};
+                                    : sbuf.narrow(0, 0, nc * K).narrow(1, 0, nr);  // [nc·K, nr]
+          const Rows<T> rp{rows_all.xinv + b0, rows_all.f + b0, rows_all.sf + b0, rows_all.y + b0,
+                           rows_all.rt != nullptr ? rows_all.rt + b0 : nullptr};
           const ForwardState<T> st{st_w.m + b0, st_w.l + b0, st_w.cbest + b0, st_w.cidx + b0, st_w.nsv + b0};
           if constexpr (std::is_same_v<T, float>) {
             if (g16) {  // bf16 W tile (a view of W) · bf16 xᵀ → bf16 products, widened into S
@@ -316,6 +323,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
             }
           }
           if (!g16) gemm(S, Wt, xT.narrow(1, b0, nr));
+          if (K > 1) {  // the classes' raw cosines (max over sub-centres), then the scaled epilogue
+            at::Tensor R = rbuf.narrow(0, 0, nc).narrow(1, 0, nr);
+            cpu::subcenter_max(S.data_ptr<T>(), S.stride(0), R.data_ptr<T>(), nullptr, R.stride(0), nc, nr,
+                               static_cast<int>(K), rp.xinv, winv_p + j0 * K);
+            const Tile<T> tv{R.data_ptr<T>(), R.stride(0), nc, nr, j0, winv_p + j0 * K, /*scaled=*/true};
+            cpu::forward_tile(tv, rp, st, mg);
+            continue;
+          }
           const Tile<T> tv{S.data_ptr<T>(), S.stride(0), nc, nr, j0, winv_p + j0};
           cpu::forward_tile(tv, rp, st, mg);
         }
@@ -379,7 +394,8 @@ void backward_worker_bf16(int64_t w, const Plan& plan, const at::Tensor& W, cons
       at::Tensor S = sbuf.narrow(0, 0, nc).narrow(1, 0, nr);  // [nc, nr] bf16
       at::mm_out(S, Wt, xT16.narrow(1, b0, nr));
       const BackwardRows<float> rp{rows_all.xinv + b0, rows_all.f + b0, rows_all.sf + b0, rows_all.lse + b0,
-                                   rows_all.sgl + b0, rows_all.dcy + b0, rows_all.y + b0};
+                                   rows_all.sgl + b0, rows_all.dcy + b0, rows_all.y + b0,
+                                   rows_all.rt != nullptr ? rows_all.rt + b0 : nullptr};
       at::Tensor Fs = fbuf.narrow(0, 0, nc).narrow(1, 0, nr);
       float* fp = Fs.data_ptr<float>();
       cpu::widen_tile(bf16_data(S), S.stride(0), fp, Fs.stride(0), nc, nr);
@@ -420,16 +436,17 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv, const at::Tensor& winv,
     const at::Tensor& y, const at::Tensor& f, const at::Tensor& lse, const at::Tensor& gl,
     const at::Tensor& dcy, const at::Tensor& block, double scale, double a, double b, int64_t tile,
-    bool need_dx, bool need_dW, bool fast_grad, bool bf16_gemm) {
+    bool need_dx, bool need_dW, bool fast_grad, bool bf16_gemm, double q, const at::Tensor& rt, double thr,
+    int64_t K) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const auto opt = x.options().dtype(acc);
-  const int64_t B = x.size(0), C = W.size(0), D = x.size(1);
+  const int64_t B = x.size(0), C = W.size(0) / K, D = x.size(1);  // C classes of K rows each
   const bool kept = block.defined() && block.numel() > 0;
   // bf16-GEMM mode: the recompute too writes bf16 (a kept block is fp32: it is read as it is); the
-  // gradient GEMMs are those of fast_grad either way
-  const bool g16 = use_bf16_gemm<T>(bf16_gemm, x, W) && !kept;
+  // gradient GEMMs are those of fast_grad either way. Sub-centres: exact recompute (as their forward)
+  const bool g16 = use_bf16_gemm<T>(bf16_gemm, x, W) && !kept && K == 1;
   const bool fast16 = (fast_grad || bf16_gemm) && both_bf16(x, W) && std::is_same_v<T, float>;
-  const Plan plan = make_plan(B, C, D, tile, sizeof(T), g16);
+  const Plan plan = make_plan(B, C, D, tile, sizeof(T), g16, K);
   const int64_t nw = plan.workers;
 
   if (!need_dx && !need_dW) return {at::empty({0}, opt), at::empty({0}, W.options())};
@@ -447,10 +464,16 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
   at::Tensor dW = need_dW ? at::empty_like(W) : at::empty({0}, W.options());
   advise_huge_pages(dW);
 
-  const Margin<T> mg{static_cast<T>(scale), static_cast<T>(a), static_cast<T>(b)};
+  const Margin<T> mg{static_cast<T>(scale), static_cast<T>(a), static_cast<T>(b), static_cast<T>(q),
+                     static_cast<T>(thr)};
   const T* winv_p = winv_c.data_ptr<T>();
+  const at::Tensor rt_c = rt.defined() ? rt.contiguous() : at::Tensor();
   const BackwardRows<T> rows_all{xinv_c.data_ptr<T>(), f_c.data_ptr<T>(), sf.data_ptr<T>(), lse_c.data_ptr<T>(),
-                                 sgl.data_ptr<T>(), dcy_c.data_ptr<T>(), y32.data_ptr<int32_t>()};
+                                 sgl.data_ptr<T>(), dcy_c.data_ptr<T>(), y32.data_ptr<int32_t>(),
+                                 rt_c.defined() ? rt_c.data_ptr<T>() : nullptr};
+  // sub-centres: the epilogue reads the classes' r and writes dℓ/dc (winv_j = 1), subcenter_expand
+  // then scales it by the arg-max row's winv
+  const at::Tensor ones = K > 1 ? at::ones({plan.cols}, opt) : at::Tensor();
 
   // bf16 units for the fp32 GEMMs only where every operand is a bf16 value (the recompute of bf16
   // inputs) — the setting is process-global, so it is on for the whole region or not at all: with
@@ -466,38 +489,54 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
           continue;
         }
       }
-      at::Tensor sbuf = at::empty({plan.cols, plan.rows}, opt);  // recomputed tile, or dc of a kept one
-      at::Tensor dbuf16 = fast16 ? at::empty({plan.cols, plan.rows}, opt.dtype(at::kBFloat16)) : at::Tensor();
+      const int64_t ck = plan.cols * K;  // W rows of a full tile
+      at::Tensor sbuf = at::empty({ck, plan.rows}, opt);  // recomputed tile, or dc of a kept one
+      at::Tensor dbuf16 = fast16 ? at::empty({ck, plan.rows}, opt.dtype(at::kBFloat16)) : at::Tensor();
       at::Tensor gtmp16 = (fast16 && need_dx) ? at::empty({plan.rows, D}, opt.dtype(at::kBFloat16)) : at::Tensor();
-      at::Tensor htmp16 = (fast16 && need_dW) ? at::empty({plan.cols, D}, opt.dtype(at::kBFloat16)) : at::Tensor();
-      at::Tensor wbuf = W.scalar_type() == acc ? at::Tensor() : at::empty({plan.cols, D}, opt);
-      at::Tensor hbuf = (need_dW && W.scalar_type() != acc) ? at::empty({plan.cols, D}, opt) : at::Tensor();
+      at::Tensor htmp16 = (fast16 && need_dW) ? at::empty({ck, D}, opt.dtype(at::kBFloat16)) : at::Tensor();
+      at::Tensor wbuf = W.scalar_type() == acc ? at::Tensor() : at::empty({ck, D}, opt);
+      at::Tensor hbuf = (need_dW && W.scalar_type() != acc) ? at::empty({ck, D}, opt) : at::Tensor();
+      at::Tensor rbuf = K > 1 ? at::empty({plan.cols, plan.rows}, opt) : at::Tensor();  // classes' r, then dc
+      at::Tensor abuf = K > 1 ? at::empty({plan.cols, plan.rows}, opt.dtype(at::kInt)) : at::Tensor();  // arg-max
       for (int64_t t = plan.tile_begin(w); t < plan.tile_begin(w + 1); ++t) {
         const int64_t j0 = t * plan.cols, nc = std::min(plan.cols, C - j0);
-        const at::Tensor Wt = w_tile(W, wbuf, j0, nc);  // [nc, D] acc
+        const int64_t r0 = j0 * K, nrw = nc * K;        // the tile's rows of W
+        const at::Tensor Wt = w_tile(W, wbuf, r0, nrw);  // [nc·K, D] acc
         at::Tensor H;
-        if (need_dW) H = hbuf.defined() ? hbuf.narrow(0, 0, nc) : dW.narrow(0, j0, nc);  // [nc, D]
+        if (need_dW) H = hbuf.defined() ? hbuf.narrow(0, 0, nrw) : dW.narrow(0, r0, nrw);  // [nc·K, D]
         for (int64_t b0 = 0; b0 < B; b0 += plan.rows) {
           const int64_t nr = std::min(plan.rows, B - b0);
-          at::Tensor raw = sbuf.narrow(0, 0, nc).narrow(1, 0, nr);  // [nc, nr]
+          at::Tensor raw = sbuf.narrow(0, 0, nrw).narrow(1, 0, nr);  // [nc·K, nr]
           at::Tensor in = kept ? block.narrow(0, j0, nc).narrow(1, b0, nr) : raw;
           if (!kept) gemm(raw, Wt, xT.narrow(1, b0, nr));
           const BackwardRows<T> rp{rows_all.xinv + b0, rows_all.f + b0, rows_all.sf + b0, rows_all.lse + b0,
-                                   rows_all.sgl + b0, rows_all.dcy + b0, rows_all.y + b0};
+                                   rows_all.sgl + b0, rows_all.dcy + b0, rows_all.y + b0,
+                                   rows_all.rt != nullptr ? rows_all.rt + b0 : nullptr};
           at::Tensor out = raw;  // dc·winv in place of the recomputed products (or beside a kept block)
-          const BackwardTile<T, T> tv{in.data_ptr<T>(), in.stride(0), out.data_ptr<T>(), out.stride(0),
-                                      nc, nr, j0, winv_p + j0, kept};
-          cpu::backward_tile(tv, rp, mg);
+          if (K > 1) {  // reduce to classes, dℓ/dc per class, back to the arg-max rows (0 elsewhere)
+            at::Tensor R = rbuf.narrow(0, 0, nc).narrow(1, 0, nr), A = abuf.narrow(0, 0, nc).narrow(1, 0, nr);
+            cpu::subcenter_max(raw.data_ptr<T>(), raw.stride(0), R.data_ptr<T>(), A.data_ptr<int32_t>(), R.stride(0),
+                               nc, nr, static_cast<int>(K), rp.xinv, winv_p + r0);
+            const BackwardTile<T, T> tv{R.data_ptr<T>(), R.stride(0), R.data_ptr<T>(), R.stride(0),
+                                        nc, nr, j0, ones.data_ptr<T>(), /*scaled=*/true};
+            cpu::backward_tile(tv, rp, mg);
+            cpu::subcenter_expand(R.data_ptr<T>(), A.data_ptr<int32_t>(), R.stride(0), raw.data_ptr<T>(),
+                                  raw.stride(0), nc, nr, static_cast<int>(K), winv_p + r0);
+          } else {
+            const BackwardTile<T, T> tv{in.data_ptr<T>(), in.stride(0), out.data_ptr<T>(), out.stride(0),
+                                        nc, nr, j0, winv_p + j0, kept};
+            cpu::backward_tile(tv, rp, mg);
+          }
           if (fast16) {
-            at::Tensor out16 = dbuf16.narrow(0, 0, nc).narrow(1, 0, nr);  // [nc, nr] bf16 dc·winv
+            at::Tensor out16 = dbuf16.narrow(0, 0, nrw).narrow(1, 0, nr);  // [nc·K, nr] bf16 dc·winv
             out16.copy_(out);
             if (need_dx) {
               at::Tensor gt = gtmp16.narrow(0, 0, nr);
-              at::mm_out(gt, out16.t(), W.narrow(0, j0, nc));
+              at::mm_out(gt, out16.t(), W.narrow(0, r0, nrw));
               gx_w[w].narrow(0, b0, nr).add_(gt);
             }
             if (need_dW) {
-              at::Tensor ht = htmp16.narrow(0, 0, nc);
+              at::Tensor ht = htmp16.narrow(0, 0, nrw);
               at::mm_out(ht, out16, xh16.narrow(0, b0, nr));
               if (b0 == 0) {
                 H.copy_(ht);
@@ -516,7 +555,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
             gemm(H, out, xb, /*accumulate=*/b0 > 0);
           }
         }
-        if (need_dW) w_jacobian_into<T>(H, Wt, winv_p + j0, dW.narrow(0, j0, nc));
+        if (need_dW) w_jacobian_into<T>(H, Wt, winv_p + r0, dW.narrow(0, r0, nrw));
       }
     }
   });
@@ -620,22 +659,29 @@ void check_acc_vector(const char* name, const at::Tensor& t, int64_t n, at::Scal
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_forward_cpu(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv, const at::Tensor& winv, const at::Tensor& y,
-    const at::Tensor& f, double scale, double a, double b, int64_t tile, int64_t keep_block, int64_t bf16_gemm) {
+    const at::Tensor& f, double scale, double a, double b, int64_t tile, int64_t keep_block, int64_t bf16_gemm,
+    double q, const std::optional<at::Tensor>& rt, double thr, int64_t K) {
   check_tile_inputs("native_margin_forward", x, W, xinv, winv, y, tile);
   const auto acc = acc_dtype(x, W);
   check_acc_vector("f", f, x.size(0), acc, x.device());
+  const at::Tensor rtt = check_extensions("native_margin_forward", x, W, rt, thr, K, acc);
+  FF_CHECK(K == 1 || keep_block == 0, "native_margin_forward: keep_block is not implemented with sub-centres (K=", K,
+           "); pass keep_block=0");
   at::AutoDispatchBelowADInplaceOrView guard;
   if (acc == at::kDouble) {
-    return forward_impl<double>(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block != 0, bf16_gemm != 0);
+    return forward_impl<double>(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block != 0, bf16_gemm != 0, q, rtt,
+                                thr, K);
   }
-  return forward_impl<float>(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block != 0, bf16_gemm != 0);
+  return forward_impl<float>(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block != 0, bf16_gemm != 0, q, rtt, thr,
+                             K);
 }
 
 std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
     const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv, const at::Tensor& winv, const at::Tensor& y,
     const at::Tensor& f, const at::Tensor& lse, const at::Tensor& gl, const at::Tensor& dcy,
     const std::optional<at::Tensor>& block, double scale, double a, double b, int64_t tile, int64_t need_dx,
-    int64_t need_dW, int64_t fast_grad, int64_t bf16_gemm) {
+    int64_t need_dW, int64_t fast_grad, int64_t bf16_gemm, double q, const std::optional<at::Tensor>& rt, double thr,
+    int64_t K) {
   check_tile_inputs("native_margin_backward", x, W, xinv, winv, y, tile);
   const auto acc = acc_dtype(x, W);
   const int64_t B = x.size(0);
@@ -643,8 +689,11 @@ std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
   check_acc_vector("lse", lse, B, acc, x.device());
   check_acc_vector("gl", gl, B, acc, x.device());
   check_acc_vector("dcy", dcy, B, acc, x.device());
+  const at::Tensor rtt = check_extensions("native_margin_backward", x, W, rt, thr, K, acc);
   at::Tensor blk;
   if (block.has_value() && block->defined() && block->numel() > 0) {
+    FF_CHECK(K == 1, "native_margin_backward: a kept block is not implemented with sub-centres (K=", K,
+             "); pass block=None");
     blk = *block;
     FF_CHECK(blk.dim() == 2 && blk.size(0) == W.size(0) && blk.size(1) == B, "block must be the [C=", W.size(0),
              ", B=", B, "] tensor returned by native_margin_forward(keep_block=1), got shape ", blk.sizes());
@@ -653,10 +702,10 @@ std::tuple<at::Tensor, at::Tensor> margin_backward_cpu(
   at::AutoDispatchBelowADInplaceOrView guard;
   if (acc == at::kDouble) {
     return backward_impl<double>(x, W, xinv, winv, y, f, lse, gl, dcy, blk, scale, a, b, tile, need_dx != 0,
-                                 need_dW != 0, fast_grad != 0, bf16_gemm != 0);
+                                 need_dW != 0, fast_grad != 0, bf16_gemm != 0, q, rtt, thr, K);
   }
   return backward_impl<float>(x, W, xinv, winv, y, f, lse, gl, dcy, blk, scale, a, b, tile, need_dx != 0,
-                              need_dW != 0, fast_grad != 0, bf16_gemm != 0);
+                              need_dW != 0, fast_grad != 0, bf16_gemm != 0, q, rtt, thr, K);
 }
 
 std::tuple<at::Tensor, at::Tensor> npt_forward_cpu(const at::Tensor& x, const at::Tensor& W, const at::Tensor& xinv,

@@ -83,6 +83,28 @@ FF_ENTRY(npt_tile,
          npt_tile_impl(t, xinv, y, k, topv, topi))
 #undef FF_ARGS
 
+#define FF_ARGS (src, ld_src, dst, arg, ld_dst, cols, rows, K, xinv, winv)
+FF_ENTRY(subcenter_max,
+         (const float* src, int64_t ld_src, float* dst, int32_t* arg, int64_t ld_dst, int64_t cols, int64_t rows,
+          int K, const float* xinv, const float* winv),
+         subcenter_max_impl(src, ld_src, dst, arg, ld_dst, cols, rows, K, xinv, winv))
+FF_ENTRY(subcenter_max,
+         (const double* src, int64_t ld_src, double* dst, int32_t* arg, int64_t ld_dst, int64_t cols, int64_t rows,
+          int K, const double* xinv, const double* winv),
+         subcenter_max_impl(src, ld_src, dst, arg, ld_dst, cols, rows, K, xinv, winv))
+#undef FF_ARGS
+
+#define FF_ARGS (dc, arg, ld_dc, out, ld_out, cols, rows, K, winv)
+FF_ENTRY(subcenter_expand,
+         (const float* dc, const int32_t* arg, int64_t ld_dc, float* out, int64_t ld_out, int64_t cols, int64_t rows,
+          int K, const float* winv),
+         subcenter_expand_impl(dc, arg, ld_dc, out, ld_out, cols, rows, K, winv))
+FF_ENTRY(subcenter_expand,
+         (const double* dc, const int32_t* arg, int64_t ld_dc, double* out, int64_t ld_out, int64_t cols,
+          int64_t rows, int K, const double* winv),
+         subcenter_expand_impl(dc, arg, ld_dc, out, ld_out, cols, rows, K, winv))
+#undef FF_ARGS
+
 #define FF_ARGS (src, ld_src, dst, ld_dst, cols, rows)
 FF_ENTRY(widen_tile, (const bf16_bits* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t cols, int64_t rows),
          widen_tile_impl(src, ld_src, dst, ld_dst, cols, rows))

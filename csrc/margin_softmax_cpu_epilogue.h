@@ -88,6 +88,7 @@ struct Tile {
   int64_t rows;     // batch rows in this tile
   int64_t j0;       // first class index of the tile
   const T* winv;    // [cols] inverse norms of the tile's classes
+  bool scaled = false;  // forward: data already holds r (sub-centres: reduced by subcenter_max)
 };
 
 // Per-row inputs of one row block (pointers already offset to the block's first row).
@@ -97,6 +98,7 @@ struct Rows {
   const T* f;        // [rows] target value f_b
   const T* sf;       // [rows] s·f_b, the label column's logit
   const int32_t* y;  // [rows] label, −1 on ignored rows
+  const T* rt = nullptr;  // [rows] t_b of the general rewrite (CurricularFace), or none (t_b = 0)
 };
 
 // Running per-row state of the forward pass (one copy per worker), updated in place.
@@ -111,21 +113,33 @@ struct ForwardState {
 
 template <typename T>
 struct Margin {
-  T s, a, b;  // logit scale and the negative rewrite g = a·c + b
+  T s, a, b;       // logit scale and the negative rewrite g = a·c + b
+  T q = T(0);      // the general rewrite g = (q·c + a + t_b)·c + b (margin_softmax_math.h)
+  T thr = T(2);    // inter-class filtering threshold (2 = off)
 };
+
+// Whether a call needs the extensions' specialisation (the general rewrite, per-row t_b or
+// filtering); otherwise the affine loops run, exactly as before the extensions.
+template <typename T>
+FF_ALWAYS_INLINE bool needs_ext(const Margin<T>& mg, const T* rt) {
+  return mg.q != T(0) || mg.thr < T(2) || rt != nullptr;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Forward: two passes over the group's columns. Pass 1 scales the raw products into r (stored in
 // place, so a kept block holds cosines for the backward), and finds the group's logit maxima,
 // arg-max cosines and support-vector counts; pass 2 sums exp(z − new max). The running pair
 // (m, l) is then rescaled once per row and tile (online log-sum-exp).
-template <typename T, int NV>
+// kExt: the general rewrite and filtering (the lanes' a + t_b in lin); kScaled: the tile already
+// holds r (sub-centres), so nothing is scaled or stored back.
+template <typename T, int NV, bool kExt, bool kScaled>
 FF_ALWAYS_INLINE void forward_group(const Tile<T>& t, int64_t b, const Rows<T>& p, const ForwardState<T>& st,
                                     const Margin<T> mg) {
   using namespace fusedface::math;
-  T xs[NV], f[NV], sf[NV], zmax[NV], cb[NV];
+  T xs[NV], f[NV], sf[NV], zmax[NV], cb[NV], lin[NV];
   int32_t y[NV], ci[NV], ns[NV];
   for (int v = 0; v < NV; ++v) {
+    if constexpr (kExt) lin[v] = mg.a + (p.rt != nullptr ? p.rt[b + v] : T(0));
     xs[v] = p.xinv[b + v];
     f[v] = p.f[b + v];
     sf[v] = p.sf[b + v];
@@ -140,12 +154,25 @@ FF_ALWAYS_INLINE void forward_group(const Tile<T>& t, int64_t b, const Rows<T>& 
     const T wj = t.winv[j];
     const int32_t col = static_cast<int32_t>(t.j0 + j);
     for (int v = 0; v < NV; ++v) {
-      const T r = raw_cosine(row[v], xs[v], wj);
-      row[v] = r;
+      T r;
+      if constexpr (kScaled) {
+        r = row[v];
+      } else {
+        r = raw_cosine(row[v], xs[v], wj);
+        row[v] = r;
+      }
       const T c = clamp_cos(r);
       const bool lab = y[v] == col;
-      const bool sv = is_support(c, f[v], lab);
-      const T z = logit(c, lab, sv, mg.s, sf[v], mg.a, mg.b);
+      bool sv;
+      T z;
+      if constexpr (kExt) {
+        const bool filt = is_filtered(c, mg.thr, lab);
+        sv = is_support(c, f[v], lab) & !filt;
+        z = logit3(c, lab, sv, filt, mg.s, sf[v], mg.q, lin[v], mg.b);
+      } else {
+        sv = is_support(c, f[v], lab);
+        z = logit(c, lab, sv, mg.s, sf[v], mg.a, mg.b);
+      }
       zmax[v] = z > zmax[v] ? z : zmax[v];
       ns[v] += sv ? 1 : 0;
       const bool better = c > cb[v];
@@ -165,8 +192,15 @@ FF_ALWAYS_INLINE void forward_group(const Tile<T>& t, int64_t b, const Rows<T>& 
     for (int v = 0; v < NV; ++v) {
       const T c = clamp_cos(row[v]);
       const bool lab = y[v] == col;
-      const bool sv = is_support(c, f[v], lab);
-      const T z = logit(c, lab, sv, mg.s, sf[v], mg.a, mg.b);
+      T z;
+      if constexpr (kExt) {
+        const bool filt = is_filtered(c, mg.thr, lab);
+        const bool sv = is_support(c, f[v], lab) & !filt;
+        z = logit3(c, lab, sv, filt, mg.s, sf[v], mg.q, lin[v], mg.b);
+      } else {
+        const bool sv = is_support(c, f[v], lab);
+        z = logit(c, lab, sv, mg.s, sf[v], mg.a, mg.b);
+      }
       sum[v] += vexp(z - mn[v]);
     }
   }
@@ -179,13 +213,28 @@ FF_ALWAYS_INLINE void forward_group(const Tile<T>& t, int64_t b, const Rows<T>& 
   }
 }
 
-template <typename T>
-FF_ALWAYS_INLINE void forward_tile_impl(const Tile<T>& t, const Rows<T>& p, const ForwardState<T>& st,
+template <typename T, bool kExt, bool kScaled>
+FF_ALWAYS_INLINE void forward_tile_rows(const Tile<T>& t, const Rows<T>& p, const ForwardState<T>& st,
                                         const Margin<T> mg) {
   constexpr int NV = lanes<T>();
   int64_t b = 0;
-  for (; b + NV <= t.rows; b += NV) forward_group<T, NV>(t, b, p, st, mg);
-  for (; b < t.rows; ++b) forward_group<T, 1>(t, b, p, st, mg);
+  for (; b + NV <= t.rows; b += NV) forward_group<T, NV, kExt, kScaled>(t, b, p, st, mg);
+  for (; b < t.rows; ++b) forward_group<T, 1, kExt, kScaled>(t, b, p, st, mg);
+}
+
+template <typename T>
+FF_ALWAYS_INLINE void forward_tile_impl(const Tile<T>& t, const Rows<T>& p, const ForwardState<T>& st,
+                                        const Margin<T> mg) {
+  const bool ext = needs_ext(mg, p.rt);
+  if (!ext && !t.scaled) {
+    forward_tile_rows<T, false, false>(t, p, st, mg);  // the seed losses: the affine loops
+  } else if (!ext) {
+    forward_tile_rows<T, false, true>(t, p, st, mg);
+  } else if (!t.scaled) {
+    forward_tile_rows<T, true, false>(t, p, st, mg);
+  } else {
+    forward_tile_rows<T, true, true>(t, p, st, mg);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -201,6 +250,7 @@ struct BackwardRows {
   const T* sgl;      // [rows] s·(upstream gradient of the row), 0 on ignored rows
   const T* dcy;      // [rows] dℓ/dc on the label column
   const int32_t* y;  // [rows]
+  const T* rt = nullptr;  // [rows] t_b of the general rewrite, or none
 };
 
 template <typename T, typename OutT>
@@ -217,13 +267,14 @@ struct BackwardTile {
 // kInPlace: `out` is `in` (the usual recomputing case). Written through one pointer then, so the
 // compiler sees the read and the write of each element as one access and vectorises without the
 // run-time overlap check that would otherwise send an exactly-overlapping call to scalar code.
-template <typename T, typename OutT, int NV, bool kScaled, bool kInPlace>
+template <typename T, typename OutT, int NV, bool kScaled, bool kInPlace, bool kExt>
 FF_ALWAYS_INLINE void backward_group(const BackwardTile<T, OutT>& t, int64_t b, const BackwardRows<T>& p,
                                      const Margin<T> mg) {
   using namespace fusedface::math;
-  T xs[NV], f[NV], sf[NV], lse[NV], sgl[NV], dcy[NV];
+  T xs[NV], f[NV], sf[NV], lse[NV], sgl[NV], dcy[NV], lin[NV];
   int32_t y[NV];
   for (int v = 0; v < NV; ++v) {
+    if constexpr (kExt) lin[v] = mg.a + (p.rt != nullptr ? p.rt[b + v] : T(0));
     xs[v] = p.xinv[b + v];
     f[v] = p.f[b + v];
     sf[v] = p.sf[b + v];
@@ -247,34 +298,116 @@ FF_ALWAYS_INLINE void backward_group(const BackwardTile<T, OutT>& t, int64_t b, 
       const T pass = clamp_pass(r);
       const T c = clamp_cos(r);
       const bool lab = y[v] == col;
-      const bool sv = is_support(c, f[v], lab);
-      const T z = logit(c, lab, sv, mg.s, sf[v], mg.a, mg.b);
-      const T prob = vexp(z - lse[v]);
-      T g = negative_grad(sgl[v], prob, rewrite_slope(sv, mg.a), pass);
+      T g;
+      if constexpr (kExt) {
+        const bool filt = is_filtered(c, mg.thr, lab);
+        const bool sv = is_support(c, f[v], lab) & !filt;
+        const T z = logit3(c, lab, sv, filt, mg.s, sf[v], mg.q, lin[v], mg.b);
+        const T prob = vexp(z - lse[v]);
+        g = negative_grad(sgl[v], prob, rewrite3_slope(c, sv, filt, mg.q, lin[v]), pass);
+      } else {
+        const bool sv = is_support(c, f[v], lab);
+        const T z = logit(c, lab, sv, mg.s, sf[v], mg.a, mg.b);
+        const T prob = vexp(z - lse[v]);
+        g = negative_grad(sgl[v], prob, rewrite_slope(sv, mg.a), pass);
+      }
       g = lab ? dcy[v] : g;
       out[v] = g * wj;
     }
   }
 }
 
-template <typename T, typename OutT>
-FF_ALWAYS_INLINE void backward_tile_impl(const BackwardTile<T, OutT>& t, const BackwardRows<T>& p,
+template <typename T, typename OutT, bool kScaled, bool kInPlace, bool kExt>
+FF_ALWAYS_INLINE void backward_tile_rows(const BackwardTile<T, OutT>& t, const BackwardRows<T>& p,
                                          const Margin<T> mg) {
   constexpr int NV = lanes<T>();
   int64_t b = 0;
+  for (; b + NV <= t.rows; b += NV) backward_group<T, OutT, NV, kScaled, kInPlace, kExt>(t, b, p, mg);
+  for (; b < t.rows; ++b) backward_group<T, OutT, 1, kScaled, kInPlace, kExt>(t, b, p, mg);
+}
+
+// scaled & in place: the sub-centre path (r reduced into a buffer that then receives dℓ/dc)
+template <typename T, typename OutT, bool kExt>
+FF_ALWAYS_INLINE void backward_tile_select(const BackwardTile<T, OutT>& t, const BackwardRows<T>& p,
+                                           const Margin<T> mg) {
   bool in_place = false;
   if constexpr (std::is_same_v<T, OutT>) in_place = t.in == t.out && t.ld_in == t.ld_out;
   if (t.scaled) {
-    for (; b + NV <= t.rows; b += NV) backward_group<T, OutT, NV, true, false>(t, b, p, mg);
-    for (; b < t.rows; ++b) backward_group<T, OutT, 1, true, false>(t, b, p, mg);
-  } else if (in_place) {
-    if constexpr (std::is_same_v<T, OutT>) {
-      for (; b + NV <= t.rows; b += NV) backward_group<T, OutT, NV, false, true>(t, b, p, mg);
-      for (; b < t.rows; ++b) backward_group<T, OutT, 1, false, true>(t, b, p, mg);
+    if (in_place) {
+      if constexpr (std::is_same_v<T, OutT>) backward_tile_rows<T, OutT, true, true, kExt>(t, p, mg);
+    } else {
+      backward_tile_rows<T, OutT, true, false, kExt>(t, p, mg);
     }
+  } else if (in_place) {
+    if constexpr (std::is_same_v<T, OutT>) backward_tile_rows<T, OutT, false, true, kExt>(t, p, mg);
   } else {
-    for (; b + NV <= t.rows; b += NV) backward_group<T, OutT, NV, false, false>(t, b, p, mg);
-    for (; b < t.rows; ++b) backward_group<T, OutT, 1, false, false>(t, b, p, mg);
+    backward_tile_rows<T, OutT, false, false, kExt>(t, p, mg);
+  }
+}
+
+template <typename T, typename OutT>
+FF_ALWAYS_INLINE void backward_tile_impl(const BackwardTile<T, OutT>& t, const BackwardRows<T>& p,
+                                         const Margin<T> mg) {
+  if (needs_ext(mg, p.rt)) {
+    backward_tile_select<T, OutT, true>(t, p, mg);
+  } else {
+    backward_tile_select<T, OutT, false>(t, p, mg);  // the seed losses: the affine loops
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sub-centres (K > 1 rows of W per class, row j·K + k): the tile GEMM gives [cols·K, ld_src] raw
+// products; subcenter_max reduces them to the classes' raw cosines r_j = max_k raw·xinv·winv_{jK+k}
+// ([cols, ld_dst], the first k on ties) and, when `arg` is given, the arg-max sub-centre per (class,
+// row). After the (scaled) epilogue wrote dℓ/dc per class, subcenter_expand writes the gradient
+// GEMMs' [cols·K, ld_out] operand: dℓ/dc·winv_{jK+k} on the arg-max row of each (class, row), 0 on
+// the others. Straight loops over contiguous rows, vectorised by the compiler.
+template <typename T>
+FF_ALWAYS_INLINE void subcenter_max_impl(const T* src, int64_t ld_src, T* dst, int32_t* arg, int64_t ld_dst,
+                                         int64_t cols, int64_t rows, int K, const T* xinv, const T* winv) {
+  using namespace fusedface::math;
+  for (int64_t j = 0; j < cols; ++j) {
+    T* d = dst + j * ld_dst;
+    const T* s0 = src + (j * K) * ld_src;
+    const T w0 = winv[j * K];
+    for (int64_t b = 0; b < rows; ++b) d[b] = raw_cosine(s0[b], xinv[b], w0);
+    if (arg != nullptr) {
+      int32_t* a = arg + j * ld_dst;
+      for (int64_t b = 0; b < rows; ++b) a[b] = 0;
+      for (int k = 1; k < K; ++k) {
+        const T* sk = src + (j * K + k) * ld_src;
+        const T wk = winv[j * K + k];
+        for (int64_t b = 0; b < rows; ++b) {
+          const T r = raw_cosine(sk[b], xinv[b], wk);
+          const bool better = r > d[b];
+          d[b] = better ? r : d[b];
+          a[b] = better ? k : a[b];
+        }
+      }
+    } else {
+      for (int k = 1; k < K; ++k) {
+        const T* sk = src + (j * K + k) * ld_src;
+        const T wk = winv[j * K + k];
+        for (int64_t b = 0; b < rows; ++b) {
+          const T r = raw_cosine(sk[b], xinv[b], wk);
+          d[b] = r > d[b] ? r : d[b];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+FF_ALWAYS_INLINE void subcenter_expand_impl(const T* dc, const int32_t* arg, int64_t ld_dc, T* out, int64_t ld_out,
+                                            int64_t cols, int64_t rows, int K, const T* winv) {
+  for (int64_t j = 0; j < cols; ++j) {
+    const T* g = dc + j * ld_dc;
+    const int32_t* a = arg + j * ld_dc;
+    for (int k = 0; k < K; ++k) {
+      T* o = out + (j * K + k) * ld_out;
+      const T wk = winv[j * K + k];
+      for (int64_t b = 0; b < rows; ++b) o[b] = a[b] == k ? g[b] * wk : T(0);
+    }
   }
 }
 
@@ -421,6 +554,14 @@ void w_jacobian_bf16(const bf16_bits* H, const bf16_bits* Wt, const float* winv,
 void w_jacobian_bf16(const float* H, const bf16_bits* Wt, const float* winv, bf16_bits* out, int64_t n, int64_t D);
 void accumulate_bf16(const bf16_bits* src, float* dst, int64_t n);
 void npt_tile(const Tile<double>& t, const double* xinv, const int32_t* y, int k, double* topv, int64_t* topi);
+void subcenter_max(const float* src, int64_t ld_src, float* dst, int32_t* arg, int64_t ld_dst, int64_t cols,
+                   int64_t rows, int K, const float* xinv, const float* winv);
+void subcenter_max(const double* src, int64_t ld_src, double* dst, int32_t* arg, int64_t ld_dst, int64_t cols,
+                   int64_t rows, int K, const double* xinv, const double* winv);
+void subcenter_expand(const float* dc, const int32_t* arg, int64_t ld_dc, float* out, int64_t ld_out, int64_t cols,
+                      int64_t rows, int K, const float* winv);
+void subcenter_expand(const double* dc, const int32_t* arg, int64_t ld_dc, double* out, int64_t ld_out,
+                      int64_t cols, int64_t rows, int K, const double* winv);
 
 // which code path the loader picked for this CPU ("x86-64-v4", "x86-64-v3", "baseline")
 const char* epilogue_isa();

@@ -11,6 +11,12 @@
 //                                K a template constant so nothing spills), K rounds of a block arg-max,
 //                                then a merge with the row's running top-K.
 //
+// The two margin kernels come in four specialisations each: kExt (the general rewrite with a
+// per-row t_b and inter-class filtering) and kSub (K > 1 sub-centres per class: a tile row holds
+// cols·K products, row-major by class then sub-centre; a thread reduces a class's K raw cosines to
+// their max and, backward, writes the class's dℓ/dc·winv to the arg-max product and 0 to the others).
+// The seed losses (kExt = kSub = false) run the loops they always did.
+//
 // Offsets are int64 (C·D and B·T exceed 2^31 at millions of classes). Accumulation in T (fp32, or
 // fp64 for fp64 inputs); `expf`/`exp` are the accurate ones (no --use_fast_math).
 #include <cuda_bf16.h>
@@ -104,14 +110,38 @@ __device__ __forceinline__ void block_argmax(T& v, int64_t& i, T* sv, int64_t* s
   }
 }
 
+// the raw cosine of class j: its product's, or (kSub) the largest of its K sub-centres' (the first
+// on ties; `arg` receives that sub-centre)
+template <typename T, bool kSub>
+__device__ __forceinline__ T class_raw_cosine(const T* __restrict__ Srow, const T* __restrict__ winv, int64_t j,
+                                              int K, T xs, int& arg) {
+  if constexpr (kSub) {
+    const T* Sj = Srow + j * K;
+    const T* wj = winv + j * K;
+    T r = raw_cosine(Sj[0], xs, wj[0]);
+    arg = 0;
+    for (int k = 1; k < K; ++k) {
+      const T rk = raw_cosine(Sj[k], xs, wj[k]);
+      if (rk > r) {
+        r = rk;
+        arg = k;
+      }
+    }
+    return r;
+  } else {
+    arg = 0;
+    return raw_cosine(Srow[j], xs, winv[j]);
+  }
+}
+
 // ------------------------------------------------------------------------------ forward
 
-template <typename T>
+template <typename T, bool kExt, bool kSub>
 __global__ void __launch_bounds__(kThreads) margin_forward_tile_kernel(
     const T* __restrict__ S, int64_t ld, int64_t cols, int64_t j0, const T* __restrict__ xinv,
-    const T* __restrict__ winv, const T* __restrict__ f, const int64_t* __restrict__ y, T s, T a, T b,
-    T* __restrict__ m, T* __restrict__ l, T* __restrict__ cbest, int64_t* __restrict__ cidx,
-    int32_t* __restrict__ nsv) {
+    const T* __restrict__ winv, const T* __restrict__ f, const int64_t* __restrict__ y, T s, T a, T b, T q,
+    T thr, const T* __restrict__ rt, int K, T* __restrict__ m, T* __restrict__ l, T* __restrict__ cbest,
+    int64_t* __restrict__ cidx, int32_t* __restrict__ nsv) {
   __shared__ T sh_m[kWarps], sh_l[kWarps], sh_c[kWarps];
   __shared__ int64_t sh_i[kWarps];
   __shared__ int sh_n[kWarps];
@@ -120,15 +150,26 @@ __global__ void __launch_bounds__(kThreads) margin_forward_tile_kernel(
   const T* Srow = S + row * ld;
   const T xs = xinv[row], fr = f[row], sf = s * fr;
   const int64_t yl = y[row] - j0;  // the label's column in this tile (out of range when elsewhere)
+  T lin = a;
+  if constexpr (kExt) lin = a + (rt != nullptr ? rt[row] : T(0));
 
   T tm = neg_inf<T>(), tl = T(0), cb = neg_inf<T>();
   int64_t ci = INT64_MAX;
   int cnt = 0;
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    const T c = clamp_cos(raw_cosine(Srow[j], xs, winv[j]));
+    int arg;
+    const T c = clamp_cos(class_raw_cosine<T, kSub>(Srow, winv, j, K, xs, arg));
     const bool lab = j == yl;
-    const bool sv = is_support(c, fr, lab);
-    const T z = logit(c, lab, sv, s, sf, a, b);
+    bool sv;
+    T z;
+    if constexpr (kExt) {
+      const bool filt = is_filtered(c, thr, lab);
+      sv = is_support(c, fr, lab) & !filt;
+      z = logit3(c, lab, sv, filt, s, sf, q, lin, b);
+    } else {
+      sv = is_support(c, fr, lab);
+      z = logit(c, lab, sv, s, sf, a, b);
+    }
     if (z > tm) {  // one exp per element: rescale only when the maximum moves
       tl = tl * ff_exp(tm - z) + T(1);
       tm = z;
@@ -176,28 +217,52 @@ __global__ void __launch_bounds__(kThreads) margin_forward_tile_kernel(
 
 // ----------------------------------------------------------------------------- backward
 
-template <typename T>
+template <typename T, bool kExt, bool kSub>
 __global__ void __launch_bounds__(kThreads) margin_backward_tile_kernel(
     T* __restrict__ S, int64_t ld, int64_t cols, int64_t j0, const T* __restrict__ xinv,
     const T* __restrict__ winv, const T* __restrict__ f, const T* __restrict__ lse, const T* __restrict__ sgl,
-    const T* __restrict__ dcy, const int64_t* __restrict__ y, T s, T a, T b) {
+    const T* __restrict__ dcy, const int64_t* __restrict__ y, T s, T a, T b, T q, T thr, const T* __restrict__ rt,
+    int K) {
   const int64_t row = blockIdx.x;
   T* Srow = S + row * ld;
   const T xs = xinv[row], fr = f[row], sf = s * fr, lr = lse[row], g = sgl[row], gy = dcy[row];
   const int64_t yl = y[row] - j0;
+  T lin = a;
+  if constexpr (kExt) lin = a + (rt != nullptr ? rt[row] : T(0));
   for (int64_t j = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x; j < cols;
        j += static_cast<int64_t>(gridDim.y) * kThreads) {
-    const T wj = winv[j];
-    const T r = raw_cosine(Srow[j], xs, wj);
+    int arg = 0;
+    T r, wj = T(1);
+    if constexpr (kSub) {
+      r = class_raw_cosine<T, true>(Srow, winv, j, K, xs, arg);
+    } else {
+      wj = winv[j];
+      r = raw_cosine(Srow[j], xs, wj);
+    }
     const T c = clamp_cos(r);
     const bool lab = j == yl;
-    const bool sv = is_support(c, fr, lab);
-    const T z = logit(c, lab, sv, s, sf, a, b);
-    // computed unconditionally and selected after: branching around the fp64 exp made ptxas spill
-    const T p = ff_exp(z - lr);
-    const T dn = negative_grad(g, p, rewrite_slope(sv, a), clamp_pass(r));
+    T dn;
+    if constexpr (kExt) {
+      const bool filt = is_filtered(c, thr, lab);
+      const bool sv = is_support(c, fr, lab) & !filt;
+      const T z = logit3(c, lab, sv, filt, s, sf, q, lin, b);
+      const T p = ff_exp(z - lr);
+      dn = negative_grad(g, p, rewrite3_slope(c, sv, filt, q, lin), clamp_pass(r));
+    } else {
+      const bool sv = is_support(c, fr, lab);
+      const T z = logit(c, lab, sv, s, sf, a, b);
+      // computed unconditionally and selected after: branching around the fp64 exp made ptxas spill
+      const T p = ff_exp(z - lr);
+      dn = negative_grad(g, p, rewrite_slope(sv, a), clamp_pass(r));
+    }
     const T dc = lab ? gy : dn;
-    Srow[j] = dc * wj;
+    if constexpr (kSub) {  // to the arg-max sub-centre's product, 0 to the others
+      T* Sj = Srow + j * K;
+      const T* wk = winv + j * K;
+      for (int k = 0; k < K; ++k) Sj[k] = k == arg ? dc * wk[k] : T(0);
+    } else {
+      Srow[j] = dc * wj;
+    }
   }
 }
 
@@ -363,25 +428,60 @@ int64_t grid_cols(int64_t cols) {
 
 // ------------------------------------------------------------------------------ launchers
 
+// whether a call needs the kExt specialisation (the general rewrite, a per-row t_b or filtering)
+template <typename T>
+bool needs_ext(T q, T thr, const T* rt) {
+  return q != T(0) || thr < T(2) || rt != nullptr;
+}
+
 template <typename T>
 cudaError_t launch_margin_forward_tile(const T* S, int64_t ld, int64_t rows, int64_t cols, int64_t j0,
                                        const T* xinv, const T* winv, const T* f, const int64_t* y, T s, T a,
-                                       T b, T* m, T* l, T* cbest, int64_t* cidx, int32_t* nsv,
-                                       cudaStream_t stream) {
+                                       T b, T q, T thr, const T* rt, int K, T* m, T* l, T* cbest, int64_t* cidx,
+                                       int32_t* nsv, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
-  margin_forward_tile_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      S, ld, cols, j0, xinv, winv, f, y, s, a, b, m, l, cbest, cidx, nsv);
+  if (K < 1) return cudaErrorInvalidValue;
+  const unsigned grid = static_cast<unsigned>(rows);
+#define FF_LAUNCH(EXT, SUB)                                                                                    \
+  margin_forward_tile_kernel<T, EXT, SUB><<<grid, kThreads, 0, stream>>>(S, ld, cols, j0, xinv, winv, f, y, s, \
+                                                                          a, b, q, thr, rt, K, m, l, cbest,     \
+                                                                          cidx, nsv)
+  const bool ext = needs_ext(q, thr, rt);
+  if (!ext && K == 1) {
+    FF_LAUNCH(false, false);
+  } else if (!ext) {
+    FF_LAUNCH(false, true);
+  } else if (K == 1) {
+    FF_LAUNCH(true, false);
+  } else {
+    FF_LAUNCH(true, true);
+  }
+#undef FF_LAUNCH
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_margin_backward_tile(T* S, int64_t ld, int64_t rows, int64_t cols, int64_t j0,
                                         const T* xinv, const T* winv, const T* f, const T* lse, const T* sgl,
-                                        const T* dcy, const int64_t* y, T s, T a, T b, cudaStream_t stream) {
+                                        const T* dcy, const int64_t* y, T s, T a, T b, T q, T thr, const T* rt,
+                                        int K, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
+  if (K < 1) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(grid_cols(cols)));
-  margin_backward_tile_kernel<T><<<grid, kThreads, 0, stream>>>(S, ld, cols, j0, xinv, winv, f, lse, sgl, dcy,
-                                                                 y, s, a, b);
+#define FF_LAUNCH(EXT, SUB)                                                                                      \
+  margin_backward_tile_kernel<T, EXT, SUB><<<grid, kThreads, 0, stream>>>(S, ld, cols, j0, xinv, winv, f, lse, \
+                                                                           sgl, dcy, y, s, a, b, q, thr, rt, K)
+  const bool ext = needs_ext(q, thr, rt);
+  if (!ext && K == 1) {
+    FF_LAUNCH(false, false);
+  } else if (!ext) {
+    FF_LAUNCH(false, true);
+  } else if (K == 1) {
+    FF_LAUNCH(true, false);
+  } else {
+    FF_LAUNCH(true, true);
+  }
+#undef FF_LAUNCH
   return cudaGetLastError();
 }
 
@@ -440,11 +540,13 @@ cudaError_t launch_npt_tile(const T* S, int64_t ld, int64_t rows, int64_t cols, 
 
 #define FF_INSTANTIATE(T)                                                                                      \
   template cudaError_t launch_margin_forward_tile<T>(const T*, int64_t, int64_t, int64_t, int64_t, const T*,   \
-                                                     const T*, const T*, const int64_t*, T, T, T, T*, T*, T*,   \
-                                                     int64_t*, int32_t*, cudaStream_t);                         \
+                                                     const T*, const T*, const int64_t*, T, T, T, T, T,         \
+                                                     const T*, int, T*, T*, T*, int64_t*, int32_t*,             \
+                                                     cudaStream_t);                                             \
   template cudaError_t launch_margin_backward_tile<T>(T*, int64_t, int64_t, int64_t, int64_t, const T*,        \
                                                       const T*, const T*, const T*, const T*, const T*,          \
-                                                      const int64_t*, T, T, T, cudaStream_t);                    \
+                                                      const int64_t*, T, T, T, T, T, const T*, int,              \
+                                                      cudaStream_t);                                             \
   template cudaError_t launch_w_jacobian<T>(const T*, const T*, const T*, void*, OutDtype, int64_t, int64_t,    \
                                             cudaStream_t);                                                      \
   template cudaError_t launch_npt_tile<T>(const T*, int64_t, int64_t, int64_t, int64_t, const T*, const T*,     \

@@ -17,21 +17,26 @@ namespace cuda {
 // output dtype of the W-side Jacobian (W's dtype)
 enum class OutDtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-// Forward epilogue of one tile: folds the tile into the running per-row state.
-//   S [rows, ld] raw products x·W_j (cols used), xinv [rows], winv [cols] (the tile's), f [rows],
-//   y [rows] (label or −1), state m, l, cbest [rows] (T), cidx [rows] int64, nsv [rows] int32.
+// Forward epilogue of one tile of `cols` classes: folds the tile into the running per-row state.
+//   S [rows, ld] raw products x·W_r (cols·K used: class j's sub-centres at j·K … j·K + K − 1),
+//   xinv [rows], winv [cols·K] (the tile's rows of W), f [rows], y [rows] (class label or −1),
+//   q, thr, rt [rows] or null: the general rewrite and filtering (margin_softmax_math.h; q = 0,
+//   thr = 2, rt = null and K = 1 run the seed losses' kernel), state m, l, cbest [rows] (T),
+//   cidx [rows] int64 (a class index), nsv [rows] int32.
 template <typename T>
 cudaError_t launch_margin_forward_tile(const T* S, int64_t ld, int64_t rows, int64_t cols, int64_t j0,
                                        const T* xinv, const T* winv, const T* f, const int64_t* y, T s, T a,
-                                       T b, T* m, T* l, T* cbest, int64_t* cidx, int32_t* nsv,
-                                       cudaStream_t stream);
+                                       T b, T q, T thr, const T* rt, int K, T* m, T* l, T* cbest, int64_t* cidx,
+                                       int32_t* nsv, cudaStream_t stream);
 
-// Backward epilogue of one tile, in place: S (raw products) becomes dℓ/dc · winv_j.
+// Backward epilogue of one tile, in place: S (raw products) becomes dℓ/dc · winv_r (with K > 1 on
+// each (row, class)'s arg-max sub-centre, 0 on its other sub-centres).
 //   lse [rows], sgl [rows] = s·gl, dcy [rows] (label column gradient).
 template <typename T>
 cudaError_t launch_margin_backward_tile(T* S, int64_t ld, int64_t rows, int64_t cols, int64_t j0,
                                         const T* xinv, const T* winv, const T* f, const T* lse, const T* sgl,
-                                        const T* dcy, const int64_t* y, T s, T a, T b, cudaStream_t stream);
+                                        const T* dcy, const int64_t* y, T s, T a, T b, T q, T thr, const T* rt,
+                                        int K, cudaStream_t stream);
 
 // W-side normalisation Jacobian of one tile: out_k = H_k − (H_k·W_k)·winv_k²·W_k.
 //   H [n, D], Wt [n, D], winv [n] in T; out [n, D] of dtype `out_dtype` (may alias H when T).

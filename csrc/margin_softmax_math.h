@@ -13,6 +13,17 @@
 //   dℓ/dc_j = s·exp(z_j − lse)·gl·(sv ? a : 1)·[−1 ≤ r ≤ 1] on negatives; the label column's
 //   gradient (dcy_b) is known per row before the pass (see fusedface/_engine.py).
 //
+// The extensions (issue 16; the `torch` backend is the executable definition), used by a separate
+// specialisation of every loop so the affine path above does no extra work:
+//   thr                                    inter-class filtering threshold (2 = off: c never exceeds it)
+//   filt = c > thr and j != y_b            a filtered negative: g = 0, slope 0, not a support vector
+//   sv   = c > f and j != y_b and !filt
+//   g    = sv ? (q·c + a + t_b)·c + b : c  the general rewrite, t_b = rt[b] (0 without rt); q = 1,
+//                                          a = b = 0 is CurricularFace's g = c·(t_b + c)
+//   dg/dc = sv ? 2q·c + a + t_b : 1        (0 where filtered)
+//   sub-centres K: r of a class is the max over its K sub-centre rows' raw cosines (first arg-max);
+//   the class's dℓ/dc flows to the arg-max row only.
+//
 // Every function is branch-free where it matters (selects, not ifs) so the CPU loops vectorise
 // and CUDA warps do not diverge. Nothing here allocates, throws or knows about tensors.
 #pragma once
@@ -100,6 +111,32 @@ FF_HD T rewrite_slope(bool sv, T a) {
 template <typename T>
 FF_HD T logit(T c, bool label, bool sv, T s, T sf, T a, T b) {
   return label ? sf : s * rewrite(c, sv, a, b);
+}
+
+// --- the extensions' general form (lin = a + t_b, computed once per row) ---
+
+// a negative column filtered out by inter-class filtering (strict, thr = 2 never filters).
+template <typename T>
+FF_HD bool is_filtered(T c, T thr, bool label) {
+  return (c > thr) & !label;
+}
+
+// the general rewrite g = (q·c + lin)·c + b of a support vector (c otherwise); 0 when filtered.
+template <typename T>
+FF_HD T rewrite3(T c, bool sv, bool filt, T q, T lin, T b) {
+  return filt ? T(0) : (sv ? (q * c + lin) * c + b : c);
+}
+
+// its slope dg/dc = 2q·c + lin on support vectors, 1 on other negatives, 0 when filtered.
+template <typename T>
+FF_HD T rewrite3_slope(T c, bool sv, bool filt, T q, T lin) {
+  return filt ? T(0) : (sv ? T(2) * q * c + lin : T(1));
+}
+
+// the logit with the general rewrite and filtering.
+template <typename T>
+FF_HD T logit3(T c, bool label, bool sv, bool filt, T s, T sf, T q, T lin, T b) {
+  return label ? sf : s * rewrite3(c, sv, filt, q, lin, b);
 }
 
 // dℓ/dc of a negative column: s·gl·p·slope·clamp_pass with p = exp(z − lse) and sgl = s·gl_b.

@@ -6,9 +6,12 @@
 //   native_margin_forward, native_margin_backward, native_npt_forward
 // CPU kernels: margin_softmax_cpu.cpp. CUDA kernels (CUDA builds only): margin_softmax_cuda.cpp.
 // Fake (shape-only) kernels for torch.compile: fusedface/backends/native.py (torch.library.register_fake).
-// Integer flags rather than bools, as torch.compile prefers.
+// Integer flags rather than bools, as torch.compile prefers. The extensions' arguments (q, rt, thr, K;
+// margin_softmax.h) are appended with defaults that keep the seed losses' kernels.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "margin_softmax.h"
 
@@ -52,15 +55,31 @@ void check_tile_inputs(const char* op, const at::Tensor& x, const at::Tensor& W,
   FF_CHECK_DEVICE(y, x.device());
 }
 
+at::Tensor check_extensions(const char* op, const at::Tensor& x, const at::Tensor& W,
+                            const std::optional<at::Tensor>& rt, double thr, int64_t K, at::ScalarType acc) {
+  FF_CHECK(K >= 1, op, ": K (sub-centres per class) must be >= 1, got ", K);
+  FF_CHECK(W.size(0) % K == 0, op, ": W has ", W.size(0), " rows, not a multiple of K=", K,
+           " sub-centres per class (W must be [C·K, D])");
+  FF_CHECK(!std::isnan(thr), op, ": thr (the inter-class filtering threshold) is NaN; pass 2.0 to turn it off");
+  if (!rt.has_value() || !rt->defined()) return at::Tensor();
+  const at::Tensor& r = *rt;
+  FF_CHECK(r.dim() == 1 && r.size(0) == x.size(0) && r.scalar_type() == acc, op, ": rt must be a ", acc,
+           " vector of length B=", x.size(0), ", got ", r.scalar_type(), " ", r.sizes());
+  FF_CHECK_DEVICE(r, x.device());
+  return r;
+}
+
+// The extensions' arguments come last, with defaults, so calls written for the seed losses still work.
 TORCH_LIBRARY(fusedface, m) {
   m.def(
       "native_margin_forward(Tensor x, Tensor W, Tensor xinv, Tensor winv, Tensor y, Tensor f, float scale, "
-      "float a, float b, int tile, int keep_block, int bf16_gemm=0) -> (Tensor lse, Tensor pred, Tensor sv, "
-      "Tensor block)");
+      "float a, float b, int tile, int keep_block, int bf16_gemm=0, float q=0., Tensor? rt=None, float thr=2., "
+      "int K=1) -> (Tensor lse, Tensor pred, Tensor sv, Tensor block)");
   m.def(
       "native_margin_backward(Tensor x, Tensor W, Tensor xinv, Tensor winv, Tensor y, Tensor f, Tensor lse, "
       "Tensor gl, Tensor dcy, Tensor? block, float scale, float a, float b, int tile, int need_dx, int need_dW, "
-      "int fast_grad, int bf16_gemm=0) -> (Tensor Gx, Tensor dW)");
+      "int fast_grad, int bf16_gemm=0, float q=0., Tensor? rt=None, float thr=2., int K=1) -> (Tensor Gx, "
+      "Tensor dW)");
   m.def(
       "native_npt_forward(Tensor x, Tensor W, Tensor xinv, Tensor winv, Tensor y, int k, int tile) "
       "-> (Tensor values, Tensor index)");

@@ -3,10 +3,10 @@
 Importing this module needs the compiled ``fusedface._C`` (the registry treats an ImportError as
 "not built"); it registers the dispatcher ops
 
-* ``fusedface::native_margin_forward(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block, bf16_gemm=0)``
-  ``-> (lse, pred, sv, block)``
+* ``fusedface::native_margin_forward(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block, bf16_gemm=0,``
+  ``q=0., rt=None, thr=2., K=1) -> (lse, pred, sv, block)``
 * ``fusedface::native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, block?, scale, a, b, tile,``
-  ``need_dx, need_dW, fast_grad, bf16_gemm=0) -> (Gx, dW)``
+  ``need_dx, need_dW, fast_grad, bf16_gemm=0, q=0., rt=None, thr=2., K=1) -> (Gx, dW)``
 * ``fusedface::native_npt_forward(x, W, xinv, winv, y, k, tile) -> (values, index)``
 
 with CPU kernels (and CUDA kernels when ``fusedface._C`` was built with them), and adds their fake
@@ -18,6 +18,13 @@ block of cosines to the backward, which then skips its recomputing GEMM.
 
 ``tile`` (the engine's memory-budget tile width) is an upper bound: the CPU code picks the width
 that keeps one tile buffer in a core's cache (``docs/native.md``).
+
+``MARGIN_EXTENSIONS``: the kernels take the general rewrite ``g = (q·c + a + t_b)·c + b`` with a
+per-row ``rt`` (CurricularFace), inter-class filtering (``thr``, 2.0 = off) and ``K`` sub-centres per
+class (``W`` is ``[C·K, D]``; the CPU code reduces each tile's ``C·K`` products to the classes' maxima
+and their arg-max rows, and sends each class's gradient back to its arg-max row; ``keep_block`` is
+refused with ``K > 1``, and the bf16-GEMM mode falls back to exact products there). The seed losses
+(q = 0, no ``rt``, no filter, K = 1) run the same loops as before.
 
 Environment:
 
@@ -51,6 +58,7 @@ from .._env import env_choice, env_flag
 
 name = "native"
 KEEPS_BLOCK = True
+MARGIN_EXTENSIONS = True  # the curricular rewrite, inter-class filtering and sub-centres (docs/engine.md)
 
 _OPS = torch.ops.fusedface
 
@@ -115,15 +123,16 @@ def _bf16_modes(x, W) -> tuple[int, int]:
 # ------------------------------------------------------------------ fake kernels (torch.compile)
 
 @torch.library.register_fake("fusedface::native_margin_forward")
-def _margin_forward_fake(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block, bf16_gemm=0):
-    B, C = x.shape[0], W.shape[0]
+def _margin_forward_fake(x, W, xinv, winv, y, f, scale, a, b, tile, keep_block, bf16_gemm=0, q=0.0, rt=None, thr=2.0,
+                         K=1):
+    B, C = x.shape[0], W.shape[0] // K
     block = f.new_empty((C, B)) if keep_block else f.new_empty((0,))
     return f.new_empty((B,)), y.new_empty((B,)), y.new_empty((B,), dtype=torch.int32), block
 
 
 @torch.library.register_fake("fusedface::native_margin_backward")
 def _margin_backward_fake(x, W, xinv, winv, y, f, lse, gl, dcy, block, scale, a, b, tile, need_dx, need_dW,
-                          fast_grad, bf16_gemm=0):
+                          fast_grad, bf16_gemm=0, q=0.0, rt=None, thr=2.0, K=1):
     gx = f.new_empty(x.shape) if need_dx else f.new_empty((0,))
     dw = W.new_empty(W.shape) if need_dW else W.new_empty((0,))
     return gx, dw
@@ -137,22 +146,31 @@ def _npt_forward_fake(x, W, xinv, winv, y, k, tile):
 
 # ------------------------------------------------------------------ the three tile kernels
 
-def margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False):
+def _extensions(opts, rt):
+    """``(q, a, b, rt, thr, K)`` of the ops from ``opts`` (``rt`` only where a rewrite is applied, as
+    in the ``torch`` backend: with ``negative="none"`` the cosines are kept)."""
+    q, a, b = opts.rewrite3
+    rt = rt if opts.negative != "none" else None
+    return float(q), float(a), float(b), rt, float(opts.filter_threshold), int(opts.subcenters)
+
+
+def margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False, rt=None):
     """``keep_block``: also return the forward's ``[C, B]`` block of cosines (accumulation dtype) for
-    :func:`margin_backward`; that forward runs fp32-grade products (the bf16-GEMM mode is off)."""
-    a, b = opts.rewrite
-    lse, pred, sv, block = _OPS.native_margin_forward(x, W, xinv, winv, y, f, float(opts.scale), float(a), float(b),
-                                                      int(tile), int(bool(keep_block)),
-                                                      0 if keep_block else _bf16_modes(x, W)[1])
+    :func:`margin_backward`; that forward runs fp32-grade products (the bf16-GEMM mode is off).
+    ``rt``: the per-row ``t_b`` of the general rewrite (``negative="curricular"``), or None."""
+    q, a, b, rt, thr, K = _extensions(opts, rt)
+    lse, pred, sv, block = _OPS.native_margin_forward(x, W, xinv, winv, y, f, float(opts.scale), a, b, int(tile),
+                                                      int(bool(keep_block)), 0 if keep_block else _bf16_modes(x, W)[1],
+                                                      q, rt, thr, K)
     return lse, pred, sv, (block if keep_block else None)
 
 
-def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None):
+def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None, rt=None):
     """``block``: the kept cosines of :func:`margin_forward` (read as they are), or None to recompute."""
-    a, b = opts.rewrite
-    Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, block, float(opts.scale), float(a),
-                                         float(b), int(tile), int(bool(need_dx)), int(bool(need_dW)),
-                                         *_bf16_modes(x, W))
+    q, a, b, rt, thr, K = _extensions(opts, rt)
+    Gx, dW = _OPS.native_margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, block, float(opts.scale), a, b,
+                                         int(tile), int(bool(need_dx)), int(bool(need_dW)), *_bf16_modes(x, W),
+                                         q, rt, thr, K)
     return (Gx if need_dx else None), (dW if need_dW else None)
 
 
@@ -170,5 +188,5 @@ def block_fits(B: int, C: int, dtype: torch.dtype, budget: int | None = None) ->
     return B * C * elt <= budget
 
 
-__all__ = ["name", "KEEPS_BLOCK", "supports_device", "margin_forward", "margin_backward", "npt_forward", "build_info",
+__all__ = ["name", "KEEPS_BLOCK", "MARGIN_EXTENSIONS", "supports_device", "margin_forward", "margin_backward", "npt_forward", "build_info",
            "bf16_gemm", "cuda_built", "block_fits", "DEFAULT_BLOCK_BUDGET"]
