@@ -104,20 +104,22 @@ def target_transform(raw_y, opts: MarginOptions, m2, m3):
     return f, slope * in_y.to(slope.dtype)
 
 
-def margin_slope(raw_y, opts: MarginOptions, m2):
-    """``dT/dm2`` per row (``dT/dm3`` is −1): ``−sin(m1·θ + m2)``; past π under ``"threshold"``
-    ``−(sin m2 + m2·cos m2)``; 0 where ``"easy"`` keeps ``c`` or ``"clip"`` clips the angle. Exact in
-    every ``grad_mode`` (``straight_through`` concerns ``dT/dc`` only). What a differentiable per-row
-    margin (MagFace) needs from the label column."""
+def margin_slopes(raw_y, opts: MarginOptions, m2):
+    """``(dT/dm2, dT/dm3)`` per row: ``−sin(m1·θ + m2)`` and −1; past π under ``"threshold"``
+    ``−(sin m2 + m2·cos m2)`` and −1; 0 and 0 where ``"easy"`` keeps ``c``; ``dT/dm2`` 0 where ``"clip"``
+    clips the angle. Exact in every ``grad_mode`` (``straight_through`` concerns ``dT/dc`` only). What a
+    differentiable per-row margin (MagFace) needs from the label column."""
     c_y, _, angle, inside = _target_angle(raw_y, opts, m2)
-    d = -torch.sin(angle)
+    d2 = -torch.sin(angle)
+    d3 = -torch.ones_like(d2)
     if inside is not None:
-        d = d * inside.to(d.dtype)
+        d2 = d2 * inside.to(d2.dtype)
     if opts.theta_policy == "threshold":
-        d = torch.where(angle > math.pi, -(torch.sin(m2) + m2 * torch.cos(m2)), d)
+        d2 = torch.where(angle > math.pi, -(torch.sin(m2) + m2 * torch.cos(m2)), d2)
     elif opts.theta_policy == "easy":
-        d = torch.where(c_y > 0, d, torch.zeros_like(d))
-    return d
+        d2 = torch.where(c_y > 0, d2, torch.zeros_like(d2))
+        d3 = torch.where(c_y > 0, d3, torch.zeros_like(d3))
+    return d2, d3
 
 
 def margin_prologue(x, W, y, opts: MarginOptions, m2, m3, cdt):
@@ -430,7 +432,7 @@ def _margin_setup_context(ctx, inputs, output):
 
 def _margin_grads(ctx, grad_rows, dx, dW):
     """The op's answer: ``dL/dx``, ``dL/dW`` and, for margins that require grad, ``dL/dm2 = dℓ/df·dT/dm2``
-    and ``dL/dm3 = −dℓ/df`` per row, with ``dℓ/df = s·(p_y − 1)·gl`` from the label column (O(B·K·D):
+    and ``dL/dm3 = dℓ/df·dT/dm3`` per row, with ``dℓ/df = s·(p_y − 1)·gl`` from the label column (O(B·K·D):
     the target cosines are gathered again, only when a margin asks for its gradient)."""
     need_m2, need_m3 = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     dm2 = dm3 = None
@@ -440,11 +442,11 @@ def _margin_grads(ctx, grad_rows, dx, dW):
         valid = y != opts.ignore_index
         gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
         dldf = opts.scale * (torch.exp(opts.scale * f - lse) - 1.0) * gl
-        if need_m2:
-            y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
-            raw_y = label_raw_cosines(x, W, y_safe, xinv, winv, opts.subcenters, lse.dtype)
-            dm2 = dldf * margin_slope(raw_y, opts, m2.to(lse.dtype))
-        dm3 = -dldf if need_m3 else None
+        y_safe = torch.where(valid, y, torch.zeros_like(y)).long()
+        raw_y = label_raw_cosines(x, W, y_safe, xinv, winv, opts.subcenters, lse.dtype)
+        d2, d3 = margin_slopes(raw_y, opts, m2.to(lse.dtype))
+        dm2 = dldf * d2 if need_m2 else None
+        dm3 = dldf * d3 if need_m3 else None
     return (dx, dW, None, dm2, dm3) + (None,) * (_MARGIN_INPUTS - 5)
 
 

@@ -409,6 +409,11 @@ class OTFace(MarginSoftmaxHead):
                 f"ot_eps={self.ot_eps}, ot_iters={self.ot_iters}")
 
 
+def _statistics_dtype(dtype) -> torch.dtype:
+    """Running statistics in fp64 for an fp64 head, else fp32 (as the authors' buffers)."""
+    return torch.float64 if (dtype or torch.get_default_dtype()) == torch.float64 else torch.float32
+
+
 class AdaFace(MarginSoftmaxHead):
     """AdaFace (Kim et al., CVPR 2022, "AdaFace: Quality Adaptive Margin for Face Recognition"): the
     margin adapts to image quality, read from the embedding norm ``‖x‖``.
@@ -432,8 +437,9 @@ class AdaFace(MarginSoftmaxHead):
             raise ValueError(f"t_alpha must be in [0, 1] (the weight of the new batch in the running statistics), "
                              f"got {t_alpha}")
         self.margin, self.h, self.t_alpha = float(margin), float(h), float(t_alpha)
-        self.register_buffer("batch_mean", torch.full((), 20.0, device=device, dtype=torch.float32))
-        self.register_buffer("batch_std", torch.full((), 100.0, device=device, dtype=torch.float32))
+        stat = _statistics_dtype(dtype)
+        self.register_buffer("batch_mean", torch.full((), 20.0, device=device, dtype=stat))
+        self.register_buffer("batch_std", torch.full((), 100.0, device=device, dtype=stat))
 
     def row_margins(self, x, y):
         return M.adaface_margins(x, y != self.options.ignore_index, self.batch_mean, self.batch_std,
@@ -461,7 +467,7 @@ class CurricularFace(MarginSoftmaxHead):
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] (the weight of the new batch in t), got {momentum}")
         self.momentum = float(momentum)
-        self.register_buffer("t", torch.zeros((), device=device, dtype=torch.float32))
+        self.register_buffer("t", torch.zeros((), device=device, dtype=_statistics_dtype(dtype)))
 
     def row_rewrite(self, x, y):
         if self.training:

@@ -20,11 +20,13 @@ CPU_BACKENDS = [pytest.param(b, marks=() if b in fusedface.available_backends() 
     for b in ("torch", "native")]
 
 
+@pytest.mark.parametrize("loss", ["arcface", "adaface", "curricular", "magface", "subcenter", "interclass"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_memory_contract_at_400k_classes(backend):
-    """B = 256, D = 128, C = 400,000 fp32: forward + backward needs < 96 MiB beyond x, W, dW."""
+def test_memory_contract_at_400k_classes(backend, loss):
+    """B = 256, D = 128, C = 400,000 fp32: forward + backward needs < 96 MiB beyond x, W, dW; the heads
+    of issue 16 too (sub-center ArcFace with k = 3: W and dW of [1.2M, 128], no [B, C·k] tensor)."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "memory.py"), "--backend", backend,
-                          "--B", "256", "--D", "128", "--C", "400000", "--json"],
+                          "--B", "256", "--D", "128", "--C", "400000", "--loss", loss, "--json"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
