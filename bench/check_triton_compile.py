@@ -48,9 +48,34 @@ def _cuobjdump() -> str:
     return hits[0]
 
 
+# the margin tile kernels' issue-16 extensions: the default specialisation (all off), and the heaviest
+EXT_OFF = dict(QUAD=0, HAS_RT=0, FILTER=0, SUBC=1, SUBC_PAD=1)
+EXT_ON = dict(QUAD=1, HAS_RT=1, FILTER=1)  # curricular rewrite with rt, inter-class filtering
+SUBCENTERS = (2, 3, 8)  # K > 1 variants, on the launcher's K > 1 configuration (triton_tiles.SUB_CONFIGS)
+
+
 def _variants():
     """(kernel, config name, dtype, flags) for every shipped configuration."""
     from fusedface.backends import triton_tiles as T
+    out = [v if v[1] == "npt" else v[:4] + (dict(EXT_OFF, **v[4]),) for v in _base_variants(T)]
+    for arch, kern, cfg, dt, flags in list(out):
+        if kern == "npt" or flags.get("tag", "") not in ("", "streamD"):
+            continue
+        tag = flags.get("tag", "")
+        out.append((arch, kern, cfg, dt, dict(flags, **EXT_ON, tag=tag + "+qf" if tag else "qf")))
+        prec = {"bf16": "16", "fp16": "16", "fp32": "32", "fp64": "64"}[dt]
+        sub = T.SUB_CONFIGS.get((arch, kern, prec), cfg)
+        for K in SUBCENTERS:
+            pad = 1 << (K - 1).bit_length()
+            kcfg = T._sub_cfg(sub, K)
+            kf = dict(flags, **EXT_ON, SUBC=K, SUBC_PAD=pad, tag=tag + f"+K{K}" if tag else f"K{K}")
+            if "RESIDENT" in kf:
+                kf["RESIDENT"] = int(sub.resident and 512 <= sub.block_d) if not tag else 0
+            out.append((arch, kern, kcfg, dt, kf))
+    return out
+
+
+def _base_variants(T):
     out = []
     for (arch, kern, prec), cfg in sorted(T.CONFIGS.items()):
         if kern == "dw_fast":  # the dW config used with FUSEDFACE_TRITON_FAST_GRAD=1
@@ -198,6 +223,8 @@ def _signature(kern: str, dt: str):
     ptr_in = {"x_ptr": p, "w_ptr": p, "xinv_ptr": acc, "winv_ptr": acc, "y_ptr": "*i64"}
     ints = {"B": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32"}
     scal = {k: "fp32" for k in ("s_hi", "s_lo", "a_hi", "a_lo", "b_hi", "b_lo")}
+    if kern in ("fwd", "dx", "dw"):  # issue 16: per-row t_b, q of the rewrite, the filter threshold
+        scal.update(rt_ptr=acc, **{k: "fp32" for k in ("q_hi", "q_lo", "thr_hi", "thr_lo")})
     if kern == "fwd":
         sig = {**ptr_in, "f_ptr": acc, "m_ptr": acc, "l_ptr": acc, "best_ptr": acc, "arg_ptr": "*i64",
                "sv_ptr": "*i32", **ints, "n_splits": "i32", **scal}

@@ -10,6 +10,13 @@ Notation (SPEC §1–§2): ``x [B, D]``, ``W [C, D]`` (one row per class), ``xin
 ``f_b`` the target value of row b (computed by the engine's O(B·D) prologue), ``y_b`` its label
 (``-1`` on ignored rows), ``s`` the scale, ``g = a·c + b`` the support-vector rewrite.
 
+Extensions (issue 16), each a constexpr specialisation, so the defaults compile to the plain kernels:
+the general rewrite ``g = (q·c + a + t_b)·c + b`` (``QUAD``: ``q ≠ 0``; ``HAS_RT``: a per-row ``t_b``
+read from ``rt_ptr``; CurricularFace is ``q = 1, a = b = 0``), inter-class filtering (``FILTER``: a
+negative with ``c > thr`` gets ``g = 0``, no gradient and is no support vector) and ``SUBC = K``
+sub-centres per class (``W`` has ``C·K`` rows, a class's raw cosine is the largest of its K rows', and
+``dℓ/dc`` flows to that arg-max row only; ``SUBC_PAD`` is K rounded up to a power of two).
+
 Kernels (the launcher ``fusedface/backends/triton_tiles.py`` is the only code that knows grids, strides and block sizes):
 
 ``margin_fwd_kernel``   grid (row blocks, class splits): partial (max, sum-exp, best cosine, arg-max,
@@ -28,7 +35,7 @@ Conventions shared by every kernel:
 * offsets are int64 (``C·D`` passes 2³¹ at four million classes of 512 features);
 * accumulation is in the dtype of ``xinv`` (fp32, or fp64 for fp64 inputs), results are stored in the
   dtype of their buffer (``dW`` in ``W``'s dtype);
-* scalars (``s``, ``a``, ``b``) arrive as fp32 (hi, lo) pairs, ``value = hi + lo``, so fp64 runs keep
+* scalars (``s``, ``a``, ``b``, ``q``, the filter threshold) arrive as fp32 (hi, lo) pairs, ``value = hi + lo``, so fp64 runs keep
   fp64 accuracy while fp32/16-bit runs get the plain fp32 value (Triton passes Python floats as fp32);
 * ``CAST`` (constexpr): convert the dot operands to the accumulation dtype first, for mixed input
   dtypes (``x`` bf16 with an fp32 ``W``);
@@ -115,38 +122,93 @@ def _tile_products(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, D, stride_x, st
 
 
 @triton.jit
-def _tile_logits(c, lab, f, scale, sv_a, sv_b, NEGATIVE: tl.constexpr):
-    """Support-vector mask and logits of one tile (SPEC §2).
+def _tile_logits(c, lab, f, scale, sv_a, sv_b, sv_q, rt, thr, NEGATIVE: tl.constexpr, QUAD: tl.constexpr,
+                 HAS_RT: tl.constexpr, FILTER: tl.constexpr):
+    """Support-vector mask, filter mask, rewrite slope and logits of one tile (SPEC §2, issue 16).
 
-    ``sv = c > f_b`` on columns other than the label (strict, no gradient through the mask);
-    ``g = a·c + b`` on support vectors when a rewrite is on (SV-Softmax: ``a = t, b = t − 1``;
-    MV fixed: ``a = 1, b = t``; MV adaptive: ``a = t + 1, b = t``), else ``g = c``;
-    ``z = s·f_b`` on the label column, ``s·g`` elsewhere. ``NEGATIVE`` is constexpr so the plain
-    ArcFace/CosFace kernels carry no rewrite code.
+    ``FILTER`` (inter-class filtering, PartialFC_V2): a negative column with ``c > thr`` (strict) is
+    filtered: ``g = 0``, no gradient, no support vector. ``sv = c > f_b`` on the other negative columns
+    (strict, no gradient through the mask). On support vectors, when a rewrite is on (``NEGATIVE``),
+    ``g = (q·c + a + t_b)·c + b`` with slope ``2q·c + a + t_b``: ``QUAD`` adds the ``q·c²`` term and
+    ``HAS_RT`` the per-row ``t_b`` (CurricularFace: ``q = 1, a = b = 0``); without either flag this is
+    the affine ``g = a·c + b`` (SV-Softmax: ``a = t, b = t − 1``; MV fixed: ``a = 1, b = t``; MV
+    adaptive: ``a = t + 1, b = t``). Elsewhere ``g = c``. ``z = s·f_b`` on the label column, ``s·g``
+    elsewhere. Every flag is constexpr, so the plain ArcFace/CosFace kernels carry none of this code.
+    Returns ``(sv, filt, rs, z)``: ``rs`` is the rewrite's slope (meaningful on ``sv`` with
+    ``NEGATIVE``), ``filt`` the filter mask (meaningful with ``FILTER``).
     """
-    sv = (c > f[:, None]) & (lab == 0)
+    if FILTER:
+        filt = (c > thr) & (lab == 0)
+        sv = (c > f[:, None]) & (lab == 0) & (filt == 0)
+    else:
+        sv = (c > f[:, None]) & (lab == 0)
+        filt = sv  # placeholder, unused without FILTER
+    rs = sv_a
     if NEGATIVE:
-        g = tl.where(sv, sv_a * c + sv_b, c)
+        lin = sv_a
+        if HAS_RT:
+            lin = sv_a + rt[:, None]
+        if QUAD:
+            g = tl.where(sv, (sv_q * c + lin) * c + sv_b, c)
+            rs = (2.0 * sv_q) * c + lin
+        else:
+            g = tl.where(sv, lin * c + sv_b, c)
+            rs = lin
     else:
         g = c
+    if FILTER:
+        g = tl.where(filt, 0.0, g)
     z = tl.where(lab != 0, scale * f[:, None], scale * g)
-    return sv, z
+    return sv, filt, rs, z
 
 
 @triton.jit
-def _tile_dlogits(raw, c, lab, ok, f, lse, gl, dcy, scale, sv_a, sv_b, NEGATIVE: tl.constexpr):
+def _tile_dlogits(raw, c, lab, ok, f, lse, gl, dcy, scale, sv_a, sv_b, sv_q, rt, thr, NEGATIVE: tl.constexpr,
+                  QUAD: tl.constexpr, HAS_RT: tl.constexpr, FILTER: tl.constexpr):
     """``dℓ/dc`` of one tile (the engine's contract):
-    ``s·exp(z − lse_b)·gl_b·slope`` on negatives, with ``slope = a`` on support vectors when a rewrite
-    is on, 1 elsewhere, 0 where the raw cosine left [−1, 1] (as ``torch.clamp``); ``dcy_b`` on the
-    label column; 0 on padding."""
-    sv, z = _tile_logits(c, lab, f, scale, sv_a, sv_b, NEGATIVE)
+    ``s·exp(z − lse_b)·gl_b·slope`` on negatives, with ``slope`` the rewrite's slope on support vectors
+    when a rewrite is on, 0 on filtered columns, 1 elsewhere, times 0 where the raw cosine left [−1, 1]
+    (as ``torch.clamp``); ``dcy_b`` on the label column; 0 on padding."""
+    sv, filt, rs, z = _tile_logits(c, lab, f, scale, sv_a, sv_b, sv_q, rt, thr, NEGATIVE, QUAD, HAS_RT, FILTER)
     inside = (raw >= -1.0) & (raw <= 1.0)
     slope = tl.where(inside, 1.0, 0.0).to(c.dtype)
     if NEGATIVE:
-        slope = tl.where(sv, slope * sv_a, slope)
+        slope = tl.where(sv, slope * rs, slope)
+    if FILTER:
+        slope = tl.where(filt, 0.0, slope)
     dc = scale * tl.exp(z - lse[:, None]) * gl[:, None] * slope
     dc = tl.where(lab != 0, dcy[:, None], dc)
     return tl.where(ok, dc, 0.0)
+
+
+@triton.jit
+def _subcentre_rows(t, C, BLOCK_N: tl.constexpr, SUBC: tl.constexpr, SUBC_PAD: tl.constexpr):
+    """Sub-centres (``SUBC = K > 1``): the ``BLOCK_N·SUBC_PAD`` rows of ``W`` of class tile ``t``, lane
+    ``n·SUBC_PAD + k`` holding row ``(t·BLOCK_N + n)·K + k`` (sub-centre k of class n), and their
+    validity (class < C and k < K; ``SUBC_PAD`` is K rounded up to a power of two)."""
+    lane = tl.arange(0, BLOCK_N * SUBC_PAD)
+    cls = tl.cast(t, tl.int64) * BLOCK_N + lane // SUBC_PAD
+    k = lane % SUBC_PAD
+    return cls * SUBC + k, (cls < C) & (k < SUBC)
+
+
+@triton.jit
+def _subcentre_max(raw, wrow_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBC_PAD: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` class cosines from the ``[BLOCK_M, BLOCK_N·SUBC_PAD]`` sub-centre cosines of
+    a tile: the largest over each class's sub-centres and its index (the first on ties; padding lanes
+    never win)."""
+    r3 = tl.reshape(tl.where(wrow_ok[None, :], raw, float("-inf")), [BLOCK_M, BLOCK_N, SUBC_PAD])
+    rmax, arg = tl.max(r3, axis=2, return_indices=True, return_indices_tie_break_left=True)
+    return rmax, arg
+
+
+@triton.jit
+def _subcentre_spread(dc, arg, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBC_PAD: tl.constexpr):
+    """``dℓ/dc`` of each (row, class) moved to its arg-max sub-centre's lane, 0 on the other lanes:
+    ``[BLOCK_M, BLOCK_N]`` -> ``[BLOCK_M, BLOCK_N·SUBC_PAD]`` (the layout of :func:`_subcentre_rows`)."""
+    kk = tl.arange(0, SUBC_PAD)
+    d3 = tl.where(arg[:, :, None] == kk[None, None, :], dc[:, :, None], 0.0)
+    return tl.reshape(d3, [BLOCK_M, BLOCK_N * SUBC_PAD])
 
 
 @triton.jit
@@ -225,7 +287,9 @@ def margin_fwd_kernel(
     m_ptr, l_ptr, best_ptr, arg_ptr, sv_ptr,   # [S, B] partials: max, sum-exp, best c, its column, sv count
     B, C, D, stride_x, stride_w, n_splits,
     s_hi, s_lo, a_hi, a_lo, b_hi, b_lo,
+    rt_ptr, q_hi, q_lo, thr_hi, thr_lo,   # [B] per-row t_b (read with HAS_RT), q of the rewrite, filter threshold
     NEGATIVE: tl.constexpr, CAST: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    QUAD: tl.constexpr, HAS_RT: tl.constexpr, FILTER: tl.constexpr, SUBC: tl.constexpr, SUBC_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Forward of the margin-softmax family over one row block and one contiguous range of class tiles.
@@ -239,6 +303,11 @@ def margin_fwd_kernel(
     ``c`` (first column on ties) and counts the support vectors. Writes one partial per (split, row);
     ``lse = M + log Σ_s l_s·exp(m_s − M)`` is merged outside. Empty splits write the neutral element
     (``m = −inf, l = 0``).
+
+    Sub-centres (``SUBC = K > 1``, Sub-center ArcFace): ``W`` has ``C·K`` rows; a class tile of
+    ``BLOCK_N`` classes is one dot against its ``BLOCK_N·SUBC_PAD`` sub-centre rows
+    (:func:`_subcentre_rows`), reduced to the largest raw cosine per class (:func:`_subcentre_max`)
+    before the clamp; everything after is per class. ``SUBC = 1`` compiles to the one-centre kernel.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -251,6 +320,12 @@ def margin_fwd_kernel(
     scale = _scalar(s_hi, s_lo, xinv)
     sv_a = _scalar(a_hi, a_lo, xinv)
     sv_b = _scalar(b_hi, b_lo, xinv)
+    sv_q = _scalar(q_hi, q_lo, xinv)
+    thr = _scalar(thr_hi, thr_lo, xinv)
+    if HAS_RT:
+        rt = tl.load(rt_ptr + rows64, mask=row_ok, other=0.0)
+    else:
+        rt = xinv  # placeholder, unused
 
     run_m = tl.full([BLOCK_M], float("-inf"), dtype=xinv.dtype)
     run_l = tl.zeros([BLOCK_M], dtype=xinv.dtype)
@@ -263,13 +338,22 @@ def margin_fwd_kernel(
     for t in range(t0, t1):
         cols64 = tl.cast(t, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols64 < C
-        winv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=xinv.dtype)
-        acc = _tile_products(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, D, stride_x, stride_w, acc,
-                             CAST, UPCAST, PRECISION, BLOCK_K)
-        c = tl.minimum(tl.maximum(acc * xinv[:, None] * winv[None, :], -1.0), 1.0)
+        if SUBC == 1:
+            winv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=xinv.dtype)
+            acc = _tile_products(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, D, stride_x, stride_w, acc,
+                                 CAST, UPCAST, PRECISION, BLOCK_K)
+            c = tl.minimum(tl.maximum(acc * xinv[:, None] * winv[None, :], -1.0), 1.0)
+        else:
+            wrow, wrow_ok = _subcentre_rows(t, C, BLOCK_N, SUBC, SUBC_PAD)
+            winv = tl.load(winv_ptr + wrow, mask=wrow_ok, other=0.0)
+            acc = tl.zeros([BLOCK_M, BLOCK_N * SUBC_PAD], dtype=xinv.dtype)
+            acc = _tile_products(x_ptr, w_ptr, rows64, row_ok, wrow, wrow_ok, D, stride_x, stride_w, acc,
+                                 CAST, UPCAST, PRECISION, BLOCK_K)
+            raw, _ = _subcentre_max(acc * xinv[:, None] * winv[None, :], wrow_ok, BLOCK_M, BLOCK_N, SUBC_PAD)
+            c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
         lab = (y[:, None] == cols64[None, :]).to(tl.int1)
-        sv, z = _tile_logits(c, lab, f, scale, sv_a, sv_b, NEGATIVE)
+        sv, _, _, z = _tile_logits(c, lab, f, scale, sv_a, sv_b, sv_q, rt, thr, NEGATIVE, QUAD, HAS_RT, FILTER)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         new_m = tl.maximum(run_m, tl.max(z, axis=1))
         run_l = run_l * tl.exp(run_m - new_m) + tl.sum(tl.exp(z - new_m[:, None]), axis=1)
@@ -296,9 +380,11 @@ def margin_bwd_dx_kernel(
     gx_ptr,                    # [S, B, D] fp32/fp64 partials, or [B, D] when ATOMIC
     B, C, D, stride_x, stride_w, n_splits,
     s_hi, s_lo, a_hi, a_lo, b_hi, b_lo,
+    rt_ptr, q_hi, q_lo, thr_hi, thr_lo,   # as in margin_fwd_kernel
     NEGATIVE: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr, SPLIT_DC: tl.constexpr,
     RESCALE: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr, RESIDENT: tl.constexpr,
     GRAD_T: tl.constexpr,
+    QUAD: tl.constexpr, HAS_RT: tl.constexpr, FILTER: tl.constexpr, SUBC: tl.constexpr, SUBC_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Embedding-side gradient ``Gx_b = Σ_k dℓ/dc_bk·ŵ_k = Σ_k (dℓ/dc_bk·winv_k)·W_k`` for one row block,
@@ -317,6 +403,10 @@ def margin_bwd_dx_kernel(
     gradient), halving the traffic of ``W`` through L2; otherwise the products stream ``D`` in chunks
     of ``BLOCK_K`` and the gradient dot re-reads its ``BLOCK_D`` columns. ``GRAD_T``: accumulate
     ``Gxᵀ = Wᵀ·(dℓ/dc·winv)ᵀ`` (features on the M side of the MMA) and transpose once at the end.
+
+    Sub-centres (``SUBC = K > 1``): both dots run over the tile's ``BLOCK_N·SUBC_PAD`` sub-centre rows;
+    ``dℓ/dc`` (per class, from the largest raw cosine) goes to the arg-max sub-centre's lane only
+    (:func:`_subcentre_spread`), scaled by that row's ``winv``.
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -333,6 +423,12 @@ def margin_bwd_dx_kernel(
     scale = _scalar(s_hi, s_lo, xinv)
     sv_a = _scalar(a_hi, a_lo, xinv)
     sv_b = _scalar(b_hi, b_lo, xinv)
+    sv_q = _scalar(q_hi, q_lo, xinv)
+    thr = _scalar(thr_hi, thr_lo, xinv)
+    if HAS_RT:
+        rt = tl.load(rt_ptr + rows64, mask=row_ok, other=0.0)
+    else:
+        rt = xinv  # placeholder, unused
     dcols = tl.cast(pid_d, tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dcols < D
 
@@ -348,22 +444,32 @@ def margin_bwd_dx_kernel(
     for t in range(t0, t1):
         cols64 = tl.cast(t, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols64 < C
-        winv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=xinv.dtype)
+        if SUBC == 1:
+            wrow = cols64
+            wrow_ok = col_ok
+        else:
+            wrow, wrow_ok = _subcentre_rows(t, C, BLOCK_N, SUBC, SUBC_PAD)
+        winv = tl.load(winv_ptr + wrow, mask=wrow_ok, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_N * SUBC_PAD], dtype=xinv.dtype)
         if RESIDENT:
-            wd = tl.load(w_ptr + cols64[:, None] * stride_w + dcols[None, :],
-                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            wd = tl.load(w_ptr + wrow[:, None] * stride_w + dcols[None, :],
+                         mask=wrow_ok[:, None] & d_ok[None, :], other=0.0)
             acc = _mma(xb, tl.trans(wd), acc, CAST, UPCAST, PRECISION)
         else:
-            acc = _tile_products(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, D, stride_x, stride_w, acc,
+            acc = _tile_products(x_ptr, w_ptr, rows64, row_ok, wrow, wrow_ok, D, stride_x, stride_w, acc,
                                  CAST, UPCAST, PRECISION, BLOCK_K)
-            wd = tl.load(w_ptr + cols64[:, None] * stride_w + dcols[None, :],
-                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            wd = tl.load(w_ptr + wrow[:, None] * stride_w + dcols[None, :],
+                         mask=wrow_ok[:, None] & d_ok[None, :], other=0.0)
         raw = acc * xinv[:, None] * winv[None, :]
+        if SUBC > 1:
+            raw, sub = _subcentre_max(raw, wrow_ok, BLOCK_M, BLOCK_N, SUBC_PAD)
         c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
         lab = (y[:, None] == cols64[None, :]).to(tl.int1)
         ok = row_ok[:, None] & col_ok[None, :]
-        dc = _tile_dlogits(raw, c, lab, ok, f, lse, gl, dcy, scale, sv_a, sv_b, NEGATIVE)
+        dc = _tile_dlogits(raw, c, lab, ok, f, lse, gl, dcy, scale, sv_a, sv_b, sv_q, rt, thr, NEGATIVE, QUAD,
+                           HAS_RT, FILTER)
+        if SUBC > 1:
+            dc = _subcentre_spread(dc, sub, BLOCK_M, BLOCK_N, SUBC_PAD)
         if GRAD_T:
             gx = _grad_mma(tl.trans(dc * winv[None, :]), tl.trans(wd), gx, CAST, SPLIT_DC, RESCALE, PRECISION,
                            UPCAST, True)
@@ -386,8 +492,10 @@ def margin_bwd_dw_kernel(
     dw_ptr,                    # [C, D] in W's dtype
     B, C, D, stride_x, stride_w, stride_dw,
     s_hi, s_lo, a_hi, a_lo, b_hi, b_lo,
+    rt_ptr, q_hi, q_lo, thr_hi, thr_lo,   # as in margin_fwd_kernel
     NEGATIVE: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr, SPLIT_DC: tl.constexpr,
     RESCALE: tl.constexpr, UPCAST: tl.constexpr, RESIDENT: tl.constexpr, GRAD_T: tl.constexpr,
+    QUAD: tl.constexpr, HAS_RT: tl.constexpr, FILTER: tl.constexpr, SUBC: tl.constexpr, SUBC_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Class-side gradient of one class tile and one chunk of ``BLOCK_D`` features, written once
@@ -405,26 +513,39 @@ def margin_bwd_dw_kernel(
     ``Gwᵀ = x̂ᵀ·dℓ/dc`` (features on the M side of the MMA) and transpose once at the end.
     Grid: (class tiles, feature chunks) — class tiles on axis 0, whose limit is 2³¹ − 1 (axis 1 stops
     at 65,535, i.e. two million classes at ``BLOCK_N = 32``).
+
+    Sub-centres (``SUBC = K > 1``): the program owns the ``BLOCK_N·SUBC_PAD`` sub-centre rows of its
+    ``BLOCK_N`` classes (:func:`_subcentre_rows`, rows ``j·K + k`` of ``dW [C·K, D]``); each row block's
+    ``dℓ/dc`` goes to the arg-max sub-centre's lane only (:func:`_subcentre_spread`), so ``Gw``, ``r``
+    and the Jacobian are per sub-centre row with its own ``winv`` (a non-arg-max row gets nothing from
+    that (b, j); ``r`` uses the row's own raw cosine, which is the class's where ``dℓ/dc`` lands).
     """
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols64 = tl.cast(pid_n, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols64 < C
-    winv = tl.load(winv_ptr + cols64, mask=col_ok, other=0.0)
+    if SUBC == 1:
+        wrow = cols64
+        wrow_ok = col_ok
+    else:
+        wrow, wrow_ok = _subcentre_rows(pid_n, C, BLOCK_N, SUBC, SUBC_PAD)
+    winv = tl.load(winv_ptr + wrow, mask=wrow_ok, other=0.0)
     dcols = tl.cast(pid_d, tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dcols < D
     scale = _scalar(s_hi, s_lo, winv)
     sv_a = _scalar(a_hi, a_lo, winv)
     sv_b = _scalar(b_hi, b_lo, winv)
+    sv_q = _scalar(q_hi, q_lo, winv)
+    thr = _scalar(thr_hi, thr_lo, winv)
 
     if GRAD_T:
-        gw = tl.zeros([BLOCK_D, BLOCK_N], dtype=winv.dtype)
+        gw = tl.zeros([BLOCK_D, BLOCK_N * SUBC_PAD], dtype=winv.dtype)
     else:
-        gw = tl.zeros([BLOCK_N, BLOCK_D], dtype=winv.dtype)
-    r = tl.zeros([BLOCK_N], dtype=winv.dtype)
-    mask = col_ok[:, None] & d_ok[None, :]
+        gw = tl.zeros([BLOCK_N * SUBC_PAD, BLOCK_D], dtype=winv.dtype)
+    r = tl.zeros([BLOCK_N * SUBC_PAD], dtype=winv.dtype)
+    mask = wrow_ok[:, None] & d_ok[None, :]
     if RESIDENT:
-        wt = tl.load(w_ptr + cols64[:, None] * stride_w + dcols[None, :], mask=mask, other=0.0)
+        wt = tl.load(w_ptr + wrow[:, None] * stride_w + dcols[None, :], mask=mask, other=0.0)
     for m0 in range(0, B, BLOCK_M):
         rows64 = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows64 < B
@@ -434,21 +555,35 @@ def margin_bwd_dw_kernel(
         lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
         gl = tl.load(gl_ptr + rows64, mask=row_ok, other=0.0)
         dcy = tl.load(dcy_ptr + rows64, mask=row_ok, other=0.0)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=winv.dtype)
+        if HAS_RT:
+            rt = tl.load(rt_ptr + rows64, mask=row_ok, other=0.0)
+        else:
+            rt = xinv  # placeholder, unused
+        acc = tl.zeros([BLOCK_M, BLOCK_N * SUBC_PAD], dtype=winv.dtype)
         if RESIDENT:
             xd = tl.load(x_ptr + rows64[:, None] * stride_x + dcols[None, :],
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             acc = _mma(xd, tl.trans(wt), acc, CAST, UPCAST, PRECISION)
         else:
-            acc = _tile_products(x_ptr, w_ptr, rows64, row_ok, cols64, col_ok, D, stride_x, stride_w, acc,
+            acc = _tile_products(x_ptr, w_ptr, rows64, row_ok, wrow, wrow_ok, D, stride_x, stride_w, acc,
                                  CAST, UPCAST, PRECISION, BLOCK_K)
             xd = tl.load(x_ptr + rows64[:, None] * stride_x + dcols[None, :],
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         raw = acc * xinv[:, None] * winv[None, :]
-        c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
-        lab = (y[:, None] == cols64[None, :]).to(tl.int1)
-        ok = row_ok[:, None] & col_ok[None, :]
-        dc = _tile_dlogits(raw, c, lab, ok, f, lse, gl, dcy, scale, sv_a, sv_b, NEGATIVE)
+        if SUBC == 1:
+            c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
+            lab = (y[:, None] == cols64[None, :]).to(tl.int1)
+            ok = row_ok[:, None] & col_ok[None, :]
+            dc = _tile_dlogits(raw, c, lab, ok, f, lse, gl, dcy, scale, sv_a, sv_b, sv_q, rt, thr, NEGATIVE, QUAD,
+                               HAS_RT, FILTER)
+        else:
+            rmax, sub = _subcentre_max(raw, wrow_ok, BLOCK_M, BLOCK_N, SUBC_PAD)
+            c = tl.minimum(tl.maximum(rmax, -1.0), 1.0)
+            lab = (y[:, None] == cols64[None, :]).to(tl.int1)
+            ok = row_ok[:, None] & col_ok[None, :]
+            dc = _tile_dlogits(rmax, c, lab, ok, f, lse, gl, dcy, scale, sv_a, sv_b, sv_q, rt, thr, NEGATIVE, QUAD,
+                               HAS_RT, FILTER)
+            dc = _subcentre_spread(dc, sub, BLOCK_M, BLOCK_N, SUBC_PAD)
         r += tl.sum(dc * raw, axis=0)
         if GRAD_T:
             gw = _grad_mma(dc * xinv[:, None], tl.trans(xd), gw, CAST, SPLIT_DC, RESCALE, PRECISION, UPCAST, True)
@@ -461,9 +596,9 @@ def margin_bwd_dw_kernel(
     if RESIDENT:
         wd = wt.to(winv.dtype)
     else:
-        wd = tl.load(w_ptr + cols64[:, None] * stride_w + dcols[None, :], mask=mask, other=0.0).to(winv.dtype)
+        wd = tl.load(w_ptr + wrow[:, None] * stride_w + dcols[None, :], mask=mask, other=0.0).to(winv.dtype)
     dw = (gw - r[:, None] * winv[:, None] * wd) * winv[:, None]
-    tl.store(dw_ptr + cols64[:, None] * stride_dw + dcols[None, :], _round(dw, dw_ptr.dtype.element_ty, UPCAST), mask=mask)
+    tl.store(dw_ptr + wrow[:, None] * stride_dw + dcols[None, :], _round(dw, dw_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit

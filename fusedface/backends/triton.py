@@ -57,6 +57,7 @@ from .._numerics import inverse_norms
 from ..triton_kernels import margin_step as K
 from .triton_tiles import LaunchConfig, _n_splits, arch_of
 from .triton_tiles import margin_backward, margin_forward, npt_forward  # noqa: F401  (the tile-kernel protocol)
+from .triton_tiles import MARGIN_EXTENSIONS  # noqa: F401  (rt, inter-class filtering, sub-centres: issue 16)
 
 name = "triton"
 KEEPS_BLOCK = False

@@ -6,9 +6,17 @@ heads and ``FUSEDFACE_TRITON_PATH=legacy`` (the margin-softmax training step of
 :mod:`fusedface.backends.triton` runs everything else). This module knows the strides, block sizes,
 grids and allocations of those kernels:
 
-``margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False) -> (lse, pred, sv, None)``
-``margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None) -> (Gx, dW)``
+``margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False, rt=None) -> (lse, pred, sv, None)``
+``margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None, rt=None) -> (Gx, dW)``
 ``npt_forward(x, W, xinv, winv, y, k, tile) -> (values, index)``
+
+The margin kernels cover the extensions of issue 16 (:data:`MARGIN_EXTENSIONS`): the general rewrite
+``g = (q·c + a + t_b)·c + b`` with a per-row ``rt`` (CurricularFace), inter-class filtering
+(``opts.filter_threshold``) and ``opts.subcenters`` K sub-centres per class (``W`` and ``winv`` with
+``C·K`` rows). Each is a constexpr specialisation (``QUAD``/``HAS_RT``, ``FILTER``, ``SUBC``), so the
+default options compile to the one-centre, unfiltered, affine kernels. With K > 1 a class tile of
+``block_n // K_pad`` classes spans ``block_n`` rows of ``W`` (``K_pad``: K rounded up to a power of
+two), so the register footprint stays that of the shipped configuration (no autotuning for K > 1).
 
 ``tile`` (the torch engine's memory-budget hint) is ignored: the kernels hold a tile in registers and
 use the block sizes below. Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``
@@ -45,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import struct
+from typing import Optional
 
 import torch
 import triton
@@ -52,6 +61,7 @@ import triton
 from .._env import env_choice, env_flag, triton_interpreted
 from ..triton_kernels import margin_softmax as K
 
+MARGIN_EXTENSIONS = True  # curricular rewrite (rt), inter-class filtering, sub-centres (issue 16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +124,15 @@ CONFIGS[("sm80", "dw_fast", "16")] = CONFIGS[("sm80", "dw", "16")]
 # sm_80's fp32 (FMA / mma.sync) paths need smaller tiles to stay spill-free
 CONFIGS[("sm80", "dx", "32")] = C_(32, 32, 32, 256, num_warps=8, num_stages=2)
 CONFIGS[("sm80", "dw", "32")] = C_(32, 32, 32, 128, num_warps=8, num_stages=2)
+
+# Sub-centres (K > 1, issue 16): where the shipped configuration spills with the sub-centre epilogue (the
+# max over each class's K rows and the spread of dℓ/dc back to the arg-max row), a smaller one. Here
+# block_n counts rows of W: a tile holds block_n // K_pad classes (bench/check_triton_compile.py, K = 2, 3, 8).
+SUB_CONFIGS: dict[tuple[str, str, str], LaunchConfig] = {
+    ("sm80", "dx", "16"): C_(32, 32, 32, 512, num_warps=8, num_stages=2),
+    ("sm80", "dw", "32"): C_(16, 32, 32, 128, num_warps=8, num_stages=2),
+    ("sm90", "dw", "32"): C_(32, 64, 32, 128, num_warps=8, num_stages=2),
+}
 
 # Under TRITON_INTERPRET=1 (CPU tests): small blocks, so small test shapes (B = 37, D = 45, C = 301)
 # leave partial tiles on every axis, two feature chunks in the gradient kernels and three class splits.
@@ -200,7 +219,7 @@ def precision_class(x: torch.Tensor, W: torch.Tensor) -> str:
     return "32"
 
 
-def config_for(kernel: str, x: torch.Tensor, W: torch.Tensor) -> LaunchConfig:
+def config_for(kernel: str, x: torch.Tensor, W: torch.Tensor, subcenters: int = 1) -> LaunchConfig:
     forced = _OVERRIDE.get("configs", {}).get(kernel)
     if forced is not None:
         return forced
@@ -209,6 +228,8 @@ def config_for(kernel: str, x: torch.Tensor, W: torch.Tensor) -> LaunchConfig:
     key = (arch_of(x.device), kernel, precision_class(x, W))
     if kernel == "dw" and key[2] == "16" and fast_grad():
         key = (key[0], "dw_fast", "16")
+    if subcenters > 1 and key in SUB_CONFIGS:
+        return SUB_CONFIGS[key]
     return CONFIGS[key]
 
 
@@ -293,10 +314,11 @@ def _prune_resident(configs, named_args, **kwargs):
     return keep or [c for c in configs if not c.kwargs.get("RESIDENT")]
 
 
-def _kernel(kind: str, prec: str):
+def _kernel(kind: str, prec: str, tunable: bool = True):
     """Returns ``(launchable, tuned)``; a tuned launchable takes no block sizes (autotune picks them,
-    and for the gradient kernels the resident/transposed variants too)."""
-    if autotune_enabled() and not triton_interpreted():
+    and for the gradient kernels the resident/transposed variants too). ``tunable=False`` (sub-centres)
+    always returns the plain kernel."""
+    if tunable and autotune_enabled() and not triton_interpreted():
         key = (kind, prec)
         if key not in _TUNED:
             grads = kind in ("dx", "dw")
@@ -328,17 +350,49 @@ def _scalars(scale: float, sv_a: float, sv_b: float) -> dict:
     return dict(s_hi=s_hi, s_lo=s_lo, a_hi=a_hi, a_lo=a_lo, b_hi=b_hi, b_lo=b_lo)
 
 
+def _sub_pad(subcenters: int) -> int:
+    return triton.next_power_of_2(subcenters) if subcenters > 1 else 1
+
+
+def _sub_cfg(cfg: LaunchConfig, subcenters: int) -> LaunchConfig:
+    """K > 1: ``block_n // K_pad`` classes per tile (at least one), i.e. ``block_n`` rows of ``W`` per dot
+    (``K_pad`` rows when K_pad > block_n; tl.dot needs >= 16, which both are)."""
+    if subcenters == 1:
+        return cfg
+    return dataclasses.replace(cfg, block_n=max(1, cfg.block_n // _sub_pad(subcenters)))
+
+
+def _extensions(xinv: torch.Tensor, sv_q: float, rt: Optional[torch.Tensor], thr: float, subcenters: int) -> dict:
+    """Runtime arguments and constexpr flags of the issue-16 extensions: ``QUAD`` (``q ≠ 0``), ``HAS_RT``
+    (per-row ``t_b``; ``xinv`` stands in for the pointer without it), ``FILTER`` (``thr < 2``), ``SUBC``
+    and ``SUBC_PAD`` (K and K rounded up to a power of two)."""
+    (q_hi, q_lo), (t_hi, t_lo) = _pair(sv_q), _pair(thr)
+    return dict(rt_ptr=rt if rt is not None else xinv, q_hi=q_hi, q_lo=q_lo, thr_hi=t_hi, thr_lo=t_lo,
+                QUAD=int(sv_q != 0.0), HAS_RT=int(rt is not None), FILTER=int(thr < 2.0), SUBC=int(subcenters),
+                SUBC_PAD=_sub_pad(subcenters))
+
+
+def _rt(rt: Optional[torch.Tensor], xinv: torch.Tensor) -> Optional[torch.Tensor]:
+    if rt is None:
+        return None
+    if rt.shape != xinv.shape:
+        raise ValueError(f"rt must be a [B] tensor (B = {xinv.shape[0]}), got shape {tuple(rt.shape)}")
+    return rt.to(device=xinv.device, dtype=xinv.dtype).contiguous()
+
+
 # ----------------------------------------------------------------------------------------------
 # the entry points (registered as torch.library.triton_op below)
 # ----------------------------------------------------------------------------------------------
 
 def _forward_impl(x: torch.Tensor, W: torch.Tensor, xinv: torch.Tensor, winv: torch.Tensor,
                   y: torch.Tensor, f: torch.Tensor, scale: float, sv_a: float, sv_b: float,
-                  negative: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  negative: int, sv_q: float = 0.0, rt: Optional[torch.Tensor] = None, thr: float = 2.0,
+                  subcenters: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, D = x.shape
-    C = W.shape[0]
-    cfg = _fit(config_for("fwd", x, W), D)
-    kern, tuned = _kernel("fwd", precision_class(x, W))
+    C = W.shape[0] // subcenters
+    rt = _rt(rt, xinv)
+    cfg = _sub_cfg(_fit(config_for("fwd", x, W, subcenters), D), subcenters)
+    kern, tuned = _kernel("fwd", precision_class(x, W), subcenters == 1)
     # with autotune the split count must not depend on the config: use the smallest block_n of the space
     bn = min(c.block_n for c in TUNE_SPACE[("fwd", precision_class(x, W))]) if tuned else cfg.block_n
     bm = max(c.block_m for c in TUNE_SPACE[("fwd", precision_class(x, W))]) if tuned else cfg.block_m
@@ -355,7 +409,8 @@ def _forward_impl(x: torch.Tensor, W: torch.Tensor, xinv: torch.Tensor, winv: to
         return (triton.cdiv(B, meta["BLOCK_M"]), S)
 
     kern[grid](x, W, xinv, winv, y, f, pm, pl, pb, pa, ps, B, C, D, x.stride(0), W.stride(0), S,
-               **_scalars(scale, sv_a, sv_b), NEGATIVE=int(negative), CAST=fl["CAST"], UPCAST=fl["UPCAST"],
+               **_scalars(scale, sv_a, sv_b), **_extensions(xinv, sv_q, rt, thr, subcenters),
+               NEGATIVE=int(negative), CAST=fl["CAST"], UPCAST=fl["UPCAST"],
                PRECISION=fl["PRECISION"], **_launch_args(cfg, tuned))
     # merge the splits: O(S·B)
     m = pm.max(dim=0).values
@@ -366,7 +421,7 @@ def _forward_impl(x: torch.Tensor, W: torch.Tensor, xinv: torch.Tensor, winv: to
     return lse, pred, sv
 
 
-def _forward_fake(x, W, xinv, winv, y, f, scale, sv_a, sv_b, negative):
+def _forward_fake(x, W, xinv, winv, y, f, scale, sv_a, sv_b, negative, sv_q=0.0, rt=None, thr=2.0, subcenters=1):
     B = x.shape[0]
     return (x.new_empty((B,), dtype=xinv.dtype), x.new_empty((B,), dtype=torch.int64),
             x.new_empty((B,), dtype=torch.int32))
@@ -374,12 +429,14 @@ def _forward_fake(x, W, xinv, winv, y, f, scale, sv_a, sv_b, negative):
 
 def _dx_impl(x: torch.Tensor, W: torch.Tensor, xinv: torch.Tensor, winv: torch.Tensor, y: torch.Tensor,
              f: torch.Tensor, lse: torch.Tensor, gl: torch.Tensor, dcy: torch.Tensor, scale: float,
-             sv_a: float, sv_b: float, negative: int) -> torch.Tensor:
+             sv_a: float, sv_b: float, negative: int, sv_q: float = 0.0, rt: Optional[torch.Tensor] = None,
+             thr: float = 2.0, subcenters: int = 1) -> torch.Tensor:
     B, D = x.shape
-    C = W.shape[0]
+    C = W.shape[0] // subcenters
+    rt = _rt(rt, xinv)
     prec = precision_class(x, W)
-    cfg = _fit(config_for("dx", x, W), D)
-    kern, tuned = _kernel("dx", prec)
+    cfg = _sub_cfg(_fit(config_for("dx", x, W, subcenters), D), subcenters)
+    kern, tuned = _kernel("dx", prec, subcenters == 1)
     if tuned:
         bn = min(c.block_n for c in TUNE_SPACE[("dx", prec)])
         others = triton.cdiv(B, max(c.block_m for c in TUNE_SPACE[("dx", prec)]))
@@ -398,24 +455,27 @@ def _dx_impl(x: torch.Tensor, W: torch.Tensor, xinv: torch.Tensor, winv: torch.T
         return (triton.cdiv(B, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]), S)
 
     kern[grid](x, W, xinv, winv, y, f, lse, gl, dcy, gx, B, C, D, x.stride(0), W.stride(0), S,
-               **_scalars(scale, sv_a, sv_b), NEGATIVE=int(negative), ATOMIC=int(atomic), **fl,
-               **_launch_args(cfg, tuned, D))
+               **_scalars(scale, sv_a, sv_b), **_extensions(xinv, sv_q, rt, thr, subcenters),
+               NEGATIVE=int(negative), ATOMIC=int(atomic), **fl, **_launch_args(cfg, tuned, D))
     if atomic:
         return gx
     return gx.sum(dim=0) if S > 1 else gx[0]
 
 
-def _dx_fake(x, W, xinv, winv, y, f, lse, gl, dcy, scale, sv_a, sv_b, negative):
+def _dx_fake(x, W, xinv, winv, y, f, lse, gl, dcy, scale, sv_a, sv_b, negative, sv_q=0.0, rt=None, thr=2.0,
+             subcenters=1):
     return x.new_empty(x.shape, dtype=xinv.dtype)
 
 
 def _dw_impl(x: torch.Tensor, W: torch.Tensor, xinv: torch.Tensor, winv: torch.Tensor, y: torch.Tensor,
              f: torch.Tensor, lse: torch.Tensor, gl: torch.Tensor, dcy: torch.Tensor, scale: float,
-             sv_a: float, sv_b: float, negative: int) -> torch.Tensor:
+             sv_a: float, sv_b: float, negative: int, sv_q: float = 0.0, rt: Optional[torch.Tensor] = None,
+             thr: float = 2.0, subcenters: int = 1) -> torch.Tensor:
     B, D = x.shape
-    C = W.shape[0]
-    cfg = _fit(config_for("dw", x, W), D)
-    kern, tuned = _kernel("dw", precision_class(x, W))
+    C = W.shape[0] // subcenters
+    rt = _rt(rt, xinv)
+    cfg = _sub_cfg(_fit(config_for("dw", x, W, subcenters), D), subcenters)
+    kern, tuned = _kernel("dw", precision_class(x, W), subcenters == 1)
     dW = torch.empty_like(W)
     fl = _flags(x, W)
 
@@ -423,11 +483,13 @@ def _dw_impl(x: torch.Tensor, W: torch.Tensor, xinv: torch.Tensor, winv: torch.T
         return (triton.cdiv(C, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_D"]))
 
     kern[grid](x, W, xinv, winv, y, f, lse, gl, dcy, dW, B, C, D, x.stride(0), W.stride(0), dW.stride(0),
-               **_scalars(scale, sv_a, sv_b), NEGATIVE=int(negative), **fl, **_launch_args(cfg, tuned, D))
+               **_scalars(scale, sv_a, sv_b), **_extensions(xinv, sv_q, rt, thr, subcenters),
+               NEGATIVE=int(negative), **fl, **_launch_args(cfg, tuned, D))
     return dW
 
 
-def _dw_fake(x, W, xinv, winv, y, f, lse, gl, dcy, scale, sv_a, sv_b, negative):
+def _dw_fake(x, W, xinv, winv, y, f, lse, gl, dcy, scale, sv_a, sv_b, negative, sv_q=0.0, rt=None, thr=2.0,
+             subcenters=1):
     return torch.empty_like(W)
 
 
@@ -517,19 +579,27 @@ def _check(x, W):
         raise ValueError("backend='triton' needs x and W with unit stride along D (the engine passes .contiguous())")
 
 
-def margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False):
+def _margin_args(W, opts, rt):
+    """``(scale, a, b, negative, q, rt, thr, K)`` of the margin ops from the options (``rt`` only where
+    a rewrite is on, as in the torch backend)."""
+    K = int(opts.subcenters)
+    if W.shape[0] % K:
+        raise ValueError(f"W has {W.shape[0]} rows, not a multiple of subcenters={K} (W must be [C·K, D])")
+    q, a, b = opts.rewrite3
+    neg = opts.negative != "none"
+    return (float(opts.scale), float(a), float(b), int(neg), float(q), rt if neg else None,
+            float(opts.filter_threshold), K)
+
+
+def margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False, rt=None):
     _check(x, W)
-    a, b = opts.rewrite
-    lse, pred, sv = _OPS["margin_forward"](x, W, xinv, winv, y, f, float(opts.scale), float(a), float(b),
-                                           int(opts.negative != "none"))
+    lse, pred, sv = _OPS["margin_forward"](x, W, xinv, winv, y, f, *_margin_args(W, opts, rt))
     return lse, pred, sv, None
 
 
-def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None):
+def margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None, rt=None):
     _check(x, W)
-    a, b = opts.rewrite
-    args = (x, W, xinv, winv, y, f, lse, gl, dcy, float(opts.scale), float(a), float(b),
-            int(opts.negative != "none"))
+    args = (x, W, xinv, winv, y, f, lse, gl, dcy, *_margin_args(W, opts, rt))
     Gx = _OPS["margin_backward_dx"](*args) if need_dx else None
     dW = _OPS["margin_backward_dw"](*args) if need_dW else None
     return Gx, dW
