@@ -90,25 +90,29 @@ def problems(draw, backend: str):
     D = draw(st.integers(1, dmax), label="D")
     C = draw(st.integers(2, cmax), label="C")
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    loss = draw(st.sampled_from(["margin", "margin", "margin", "npt"]), label="loss")
+    K = draw(st.sampled_from([1, 1, 1, 2, 3]), label="subcenters") if loss == "margin" else 1
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, C, (B,), generator=g)
+    C_rows, C = C * K, C  # (W holds K sub-centres per class, class j's at rows j·K … j·K + K − 1)
     if D == 1:  # powers of two: every backend computes the cosines (exactly ±1) exactly
-        W = 2.0 ** torch.randint(-3, 4, (C, 1), generator=g).double() * (torch.randint(0, 2, (C, 1), generator=g) * 2 - 1)
+        W = 2.0 ** torch.randint(-3, 4, (C_rows, 1), generator=g).double() * (
+            torch.randint(0, 2, (C_rows, 1), generator=g) * 2 - 1)
         x = 2.0 ** torch.randint(-3, 4, (B, 1), generator=g).double() * (torch.randint(0, 2, (B, 1), generator=g) * 2 - 1)
     else:
-        W = torch.randn(C, D, generator=g, dtype=torch.float64) * torch.exp(torch.randn(C, 1, generator=g, dtype=torch.float64))
+        W = torch.randn(C_rows, D, generator=g, dtype=torch.float64) * torch.exp(
+            torch.randn(C_rows, 1, generator=g, dtype=torch.float64))
         x = torch.randn(B, D, generator=g, dtype=torch.float64) * torch.exp(torch.randn(B, 1, generator=g, dtype=torch.float64))
         # some rows close to their centre (confident) or close to its opposite (θ + m past π)
         kinds = draw(st.lists(st.sampled_from(["random", "near", "opposite"]), min_size=B, max_size=B), label="row kinds")
         for b, kind in enumerate(kinds):
             if kind != "random":
                 sign = 1.0 if kind == "near" else -1.0
-                w = W[y[b]] / W[y[b]].norm()
+                w = W[y[b] * K] / W[y[b] * K].norm()
                 noise = torch.randn(D, generator=g, dtype=torch.float64)
                 x[b] = 2.5 * (sign * w + 0.05 * noise / noise.norm())
     ignored = draw(st.lists(st.booleans(), min_size=B, max_size=B), label="ignored rows")
     y = torch.where(torch.tensor(ignored), torch.full_like(y, -1), y)
-    loss = draw(st.sampled_from(["margin", "margin", "margin", "npt"]), label="loss")
     reduction = draw(st.sampled_from(["mean", "sum", "none"]), label="reduction")
     tile = draw(st.one_of(st.none(), st.integers(1, C)), label="tile_size")
     if loss == "npt":
@@ -117,16 +121,19 @@ def problems(draw, backend: str):
         kw = dict(k=draw(st.integers(1, min(16, C - 1)), label="k"),
                   delta=draw(st.floats(0.0, 1.0), label="delta"), r=draw(st.floats(0.5, 2.0), label="r"))
     else:
-        negative = draw(st.sampled_from(["none", "sv", "mv_fixed", "mv_adaptive"]), label="negative")
+        negative = draw(st.sampled_from(["none", "sv", "mv_fixed", "mv_adaptive", "curricular"]), label="negative")
         t = {"none": 0.0, "sv": draw(st.floats(1.0, 2.0)), "mv_fixed": draw(st.floats(0.0, 0.5)),
-             "mv_adaptive": draw(st.floats(0.0, 0.5))}[negative]
+             "mv_adaptive": draw(st.floats(0.0, 0.5)), "curricular": draw(st.floats(-0.2, 0.6))}[negative]
         kw = dict(scale=draw(st.floats(1.0, 64.0), label="scale"),
                   m1=draw(st.sampled_from([1.0, 1.0, 2.0, 4.0, 1.5]), label="m1"),
                   m2=draw(st.one_of(st.floats(0.0, 1.0), st.just("per-row")), label="m2"),
                   m3=draw(st.one_of(st.floats(0.0, 0.5), st.just("per-row")), label="m3"),
-                  theta_policy=draw(st.sampled_from(["none", "threshold", "easy"]), label="theta_policy"),
+                  theta_policy=draw(st.sampled_from(["none", "threshold", "easy", "clip"]), label="theta_policy"),
                   negative=negative, t=t,
-                  grad_mode=draw(st.sampled_from(["exact", "straight_through"]), label="grad_mode"))
+                  grad_mode=draw(st.sampled_from(["exact", "straight_through"]), label="grad_mode"),
+                  interclass_threshold=draw(st.one_of(st.none(), st.none(), st.floats(-0.3, 0.95)),
+                                            label="interclass_threshold"),
+                  subcenters=K)
         for key, mean in (("m2", 0.5), ("m3", 0.3)):
             if kw[key] == "per-row":  # ElasticFace-style draws, per row
                 kw[key] = torch.randn(B, generator=g, dtype=torch.float64) * 0.1 + mean
@@ -144,12 +151,18 @@ def _assume_well_conditioned(p):
     valid = y != -1
     if not bool(valid.any()):
         return
-    c = R.cosine_matrix(x, W)
+    K = kw.get("subcenters", 1)
+    c = R.cosine_matrix(x, W, K)
     ys = y.clamp(min=0)
     cy = c.gather(1, ys[:, None])[:, 0]
-    label = torch.nn.functional.one_hot(ys, W.shape[0]).bool()
+    label = torch.nn.functional.one_hot(ys, c.shape[1]).bool()
     if D > 1:
         assume(bool((1 - cy.abs() >= COS_MARGIN)[valid].all()))
+    if K > 1 and D > 1:  # the arg-max sub-centre: no near-ties (the gradient goes to one of them)
+        top2 = (R.cosine_matrix(x, W[:, :], 1).reshape(B, -1, K)).topk(2, dim=2).values
+        assume(bool((top2[..., 0] - top2[..., 1] >= SWITCH)[valid].all()))
+    if kw.get("interclass_threshold") is not None:
+        assume(bool(((c - kw["interclass_threshold"]).abs() >= SWITCH)[valid].all()))
     if p["loss"] == "npt":
         neg = c.masked_fill(label, float("-inf")).sort(dim=1, descending=True).values
         k = kw["k"]
@@ -166,6 +179,12 @@ def _assume_well_conditioned(p):
         assume(bool(((angle - math.pi).abs() >= SWITCH)[valid].all()))
     if kw["theta_policy"] == "easy":
         assume(bool((cy.abs() >= SWITCH)[valid].all()))
+    if kw["theta_policy"] == "clip":
+        lim = 1.0 - 1e-3
+        angle = kw["m1"] * torch.acos(cy.clamp(-lim, lim)) + m2
+        far = ((cy.abs() - lim).abs() >= SWITCH) & ((angle - 1e-3).abs() >= SWITCH) & (
+            (angle - math.pi + 1e-3).abs() >= SWITCH)
+        assume(bool(far[valid].all()))
     gap = (c - f[:, None]).abs().masked_fill(label, float("inf"))
     assume(bool((gap >= SWITCH)[valid].all()))
 
@@ -196,8 +215,16 @@ def _atol(p, which):
     if p["loss"] == "npt":
         s = 2.0 * kw["r"] ** 2
     else:
-        s = kw["scale"] * max(1.0, kw["m1"], MarginOptions(negative=kw["negative"], t=kw["t"]).rewrite[0])
+        q, a, _ = MarginOptions(negative=kw["negative"], t=kw["t"]).rewrite3
+        s = kw["scale"] * max(1.0, kw["m1"], a + 2.0 * q + abs(kw["t"]) * q)
     return 1e-12 * s * float(inv.max()) * max(1, p["x"].shape[0])
+
+
+def _loss_atol(p):
+    """Absolute floor for the loss: ``ℓ = lse − s·f`` is a difference of numbers of size ``s``, so a
+    confident row's loss near 0 carries the rounding of ``s`` (a few ulps of 64 ≈ 1e-14 in fp64)."""
+    s = p["kw"].get("scale", 2.0 * p["kw"].get("r", 1.0) ** 2)
+    return 1e-13 * max(1.0, s) * max(1, p["x"].shape[0])
 
 
 def _counted(backend, body):
@@ -223,7 +250,7 @@ def test_backend_equals_reference(backend, record_property):
         fn, x, W, y, kw = _fn(p), p["x"], p["W"], p["y"], p["kw"]
         ref = _run(fn, x, W, y, REF, **kw)
         got = _run(fn, x, W, y, backend, tile=p["tile"], **kw)
-        assert_close(got[0], ref[0], rtol=RTOL, name=f"{backend} loss")
+        assert_close(got[0], ref[0], rtol=RTOL, atol=_loss_atol(p), name=f"{backend} loss")
         assert_close(got[1], ref[1], rtol=RTOL, atol=_atol(p, "x"), name=f"{backend} dL/dx")
         assert_close(got[2], ref[2], rtol=RTOL, atol=_atol(p, "W"), name=f"{backend} dL/dW")
         if p["loss"] == "margin":
@@ -236,7 +263,7 @@ def test_backend_equals_reference(backend, record_property):
             s_got = {k: v.cpu() for k, v in s_got.items()}
             valid = y != -1  # an ignored row's statistics are not used (and its "target" is arbitrary)
             assert torch.equal(s_got["sv_count"].long()[valid], s_ref["sv_count"].long()[valid]), "support-vector counts"
-            top2 = R.cosine_matrix(x, W).topk(2, dim=1).values
+            top2 = R.cosine_matrix(x, W, kw["subcenters"]).topk(2, dim=1).values
             clear = top2[:, 0] - top2[:, 1] > 1e-12
             assert torch.equal(s_got["pred"][clear], s_ref["pred"][clear]), "arg-max columns (rows without ties)"
 
@@ -249,10 +276,18 @@ def test_backend_equals_reference(backend, record_property):
 # ------------------------------------------------------------------ 2. invariances, on every backend
 
 def _permute_classes(p, perm):
+    """``(W, y)`` with the classes permuted (whole groups of sub-centres) and the labels following."""
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(len(perm))
     y = torch.where(p["y"] >= 0, inv[p["y"].clamp(min=0)], p["y"])
-    return p["W"][perm], y
+    return _groups(p)[perm].flatten(0, 1), y
+
+
+def _groups(p, t=None):
+    """``[C, K, D]`` view of ``W`` (or of a tensor shaped like it)."""
+    K = p["kw"].get("subcenters", 1)
+    t = p["W"] if t is None else t
+    return t.reshape(-1, K, t.shape[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -272,16 +307,17 @@ def test_invariances(backend, record_property):
         if x.shape[1] == 1:  # keep D = 1 problems exact: powers of two
             ax, aw = 2.0 ** torch.round(torch.log2(ax)), 2.0 ** torch.round(torch.log2(aw))
         sc = _run(fn, x * ax, W * aw, y, backend, tile=tile, **kw)
-        assert_close(sc[0], base[0], rtol=RTOL, name="loss, rows rescaled")
+        assert_close(sc[0], base[0], rtol=RTOL, atol=_loss_atol(p), name="loss, rows rescaled")
         assert_close(sc[1] * ax, base[1], rtol=RTOL, atol=_atol(p, "x"), name="dL/dx × factor, rows rescaled")
         assert_close(sc[2] * aw, base[2], rtol=RTOL, atol=_atol(p, "W"), name="dL/dW × factor, rows rescaled")
         # classes permuted together with the labels
-        perm = torch.randperm(W.shape[0], generator=g)
+        perm = torch.randperm(_groups(p).shape[0], generator=g)
         Wp, yp = _permute_classes(p, perm)
         pm = _run(fn, x, Wp, yp, backend, tile=tile, **kw)
-        assert_close(pm[0], base[0], rtol=RTOL, name="loss, classes permuted")
+        assert_close(pm[0], base[0], rtol=RTOL, atol=_loss_atol(p), name="loss, classes permuted")
         assert_close(pm[1], base[1], rtol=RTOL, atol=_atol(p, "x"), name="dL/dx, classes permuted")
-        assert_close(pm[2], base[2][perm], rtol=RTOL, atol=_atol(p, "W"), name="dL/dW, classes permuted")
+        assert_close(pm[2], _groups(p, base[2])[perm].flatten(0, 1), rtol=RTOL, atol=_atol(p, "W"),
+                     name="dL/dW, classes permuted")
         # ignoring a row equals dropping it (mean reduction)
         valid = (y != -1).nonzero()[:, 0]
         if x.shape[0] >= 2 and len(valid) >= 1:
@@ -296,7 +332,7 @@ def test_invariances(backend, record_property):
             y_ign[r] = -1
             ign = _run(fn, x, W, y_ign, backend, tile=tile, **kw_mean)
             drop = _run(fn, x[keep], W, y[keep], backend, tile=tile, **kw_drop)
-            assert_close(ign[0], drop[0], rtol=RTOL, name="loss, row ignored vs dropped")
+            assert_close(ign[0], drop[0], rtol=RTOL, atol=_loss_atol(p), name="loss, row ignored vs dropped")
             assert torch.all(ign[1][r] == 0), "an ignored row gets no gradient"
             assert_close(ign[1][keep], drop[1], rtol=RTOL, atol=_atol(p, "x"), name="dL/dx, row ignored vs dropped")
             assert_close(ign[2], drop[2], rtol=RTOL, atol=_atol(p, "W"), name="dL/dW, row ignored vs dropped")
