@@ -430,10 +430,10 @@ def _margin_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(pred, sv, lse, f, slope, xinv, winv, block)
 
 
-def _margin_grads(ctx, grad_rows, dx, dW):
-    """The op's answer: ``dL/dx``, ``dL/dW`` and, for margins that require grad, ``dL/dm2 = dℓ/df·dT/dm2``
-    and ``dL/dm3 = dℓ/df·dT/dm3`` per row, with ``dℓ/df = s·(p_y − 1)·gl`` from the label column (O(B·K·D):
-    the target cosines are gathered again, only when a margin asks for its gradient)."""
+def _margin_grads(ctx, grad_rows):
+    """For margins that require grad, ``dL/dm2 = dℓ/df·dT/dm2`` and ``dL/dm3 = dℓ/df·dT/dm3`` per row,
+    with ``dℓ/df = s·(p_y − 1)·gl`` from the label column (O(B·K·D): the target cosines are gathered
+    again, only when a margin asks for its gradient; before an in-backward update changes ``W``)."""
     need_m2, need_m3 = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     dm2 = dm3 = None
     if need_m2 or need_m3:
@@ -447,14 +447,19 @@ def _margin_grads(ctx, grad_rows, dx, dW):
         d2, d3 = margin_slopes(raw_y, opts, m2.to(lse.dtype))
         dm2 = dldf * d2 if need_m2 else None
         dm3 = dldf * d3 if need_m3 else None
-    return (dx, dW, None, dm2, dm3) + (None,) * (_MARGIN_INPUTS - 5)
+    return dm2, dm3
 
 
 def _margin_backward(ctx, grad_rows, *_):
     need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     x, W, y, lse, f, slope, xinv, winv, block, _, rt = ctx.saved_tensors
+    dm2, dm3 = _margin_grads(ctx, grad_rows)
+
+    def answer(dx, dW):
+        return (dx, dW, None, dm2, dm3) + (None,) * (_MARGIN_INPUTS - 5)
+
     if not (need_dx or need_dW):
-        return _margin_grads(ctx, grad_rows, None, None)
+        return answer(None, None)
     if need_dW and ctx.optim_token:
         upd = _inbackward.begin(ctx.optim_token)  # (first: a second backward is refused before W is read)
         if upd is not None:
@@ -462,14 +467,14 @@ def _margin_backward(ctx, grad_rows, *_):
             saved, block = _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, options[-1], rt)
             dx, _ = margin_backward_grads(grad_rows, saved, _margin_opts(*options, *ctx.extensions),
                                           backends.get(backend, x.device), tile, need_dx, False, block, upd=upd)
-            return _margin_grads(ctx, grad_rows, dx, None)
+            return answer(dx, None)
         need_dW = False  # this backward does not ask for dL/dW (autograd.grad of x, backward(inputs=...))
         if not need_dx:
-            return _margin_grads(ctx, grad_rows, None, None)
+            return answer(None, None)
     dx, dW = torch.ops.fusedface.margin_softmax_bwd(grad_rows, x, W, y, lse, f, slope, xinv, winv,
                                                     *ctx.scalars, int(need_dx), int(need_dW), block, rt,
                                                     *ctx.extensions)
-    return _margin_grads(ctx, grad_rows, dx if need_dx else None, dW if need_dW else None)
+    return answer(dx if need_dx else None, dW if need_dW else None)
 
 
 def apply_in_slices(upd, x, W, y_lab, xinv, winv, f, lse, gl, dcy, opts, kernels, tile, need_dx, block=None,

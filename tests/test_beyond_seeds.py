@@ -341,3 +341,34 @@ def test_subcenter_needs_whole_classes():
     with pytest.raises(ValueError, match=r"outside \[0, C=3\)"):
         F_.margin_softmax_loss(torch.randn(4, 8), torch.randn(9, 8), torch.tensor([0, 1, 3, 0]), subcenters=3,
                                backend="torch")
+
+
+# ------------------------------------------------------------------------- 6. with the in-backward optimizer
+
+@pytest.mark.parametrize("name", ["subcenter", "curricular-subcenter-filter", "magface", "adaface"])
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_in_backward_sgd_equals_torch_optim(name, backend):
+    """fusedface.optim.SGD (the update inside the fused backward, slice by slice: whole classes of
+    sub-centres per slice) against torch.optim.SGD on the same head, five fp64 steps."""
+    import fusedface._inbackward as IB
+
+    ref, fused, x, y = _pair(name, backend)
+    ref = copy.deepcopy(fused)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = fusedface.optim.SGD(fused.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    old = IB.SLICE_BYTES
+    IB.SLICE_BYTES = 7 * D * 8  # several slices per backward (7 rows: not a multiple of the sub-centres)
+    try:
+        for _ in range(5):
+            xr = x.clone().requires_grad_(True)
+            xf = x.clone().requires_grad_(True)
+            ref_opt.zero_grad()
+            ref(xr, y).backward()
+            ref_opt.step()
+            opt.zero_grad()
+            fused(xf, y).backward()
+            opt.step()
+            _close(xf.grad, xr.grad, 1e-10)
+    finally:
+        IB.SLICE_BYTES = old
+    _close(fused.weight.detach(), ref.weight.detach(), 1e-10)
