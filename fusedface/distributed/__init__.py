@@ -25,14 +25,16 @@ from ._comm import Comm, CommRecord, record_communication, shard_range, shard_si
 from ._functions import (GlobalBatch, MarginSoftmaxShardFunction, NPTShardFunction, gather_batch, margin_softmax_loss,
                          npt_loss, sample_classes)
 from .checkpoint import consolidate, full_state_dict, load_full_state_dict, load_sharded, save_sharded
-from .heads import (ShardedArcFace, ShardedCombinedMargin, ShardedCosFace, ShardedElasticArcFace,
-                    ShardedElasticCosFace, ShardedHead, ShardedKappaFace, ShardedMarginSoftmaxHead, ShardedMVSoftmax,
-                    ShardedNPT, ShardedOTFace, ShardedSphereFace, ShardedSVSoftmax)
+from .heads import (ShardedAdaFace, ShardedArcFace, ShardedCombinedMargin, ShardedCosFace, ShardedCurricularFace,
+                    ShardedElasticArcFace, ShardedElasticCosFace, ShardedHead, ShardedKappaFace, ShardedMagFace,
+                    ShardedMarginSoftmaxHead, ShardedMVSoftmax, ShardedNPT, ShardedOTFace, ShardedSphereFace,
+                    ShardedSubCenterArcFace, ShardedSVSoftmax)
 
 __all__ = [
     "ShardedHead", "ShardedMarginSoftmaxHead", "ShardedArcFace", "ShardedCosFace", "ShardedCombinedMargin",
     "ShardedSphereFace", "ShardedElasticArcFace", "ShardedElasticCosFace", "ShardedKappaFace", "ShardedSVSoftmax",
-    "ShardedMVSoftmax", "ShardedNPT", "ShardedOTFace",
+    "ShardedMVSoftmax", "ShardedNPT", "ShardedOTFace", "ShardedAdaFace", "ShardedCurricularFace", "ShardedMagFace",
+    "ShardedSubCenterArcFace",
     "margin_softmax_loss", "npt_loss", "sample_classes", "gather_batch", "GlobalBatch",
     "MarginSoftmaxShardFunction", "NPTShardFunction",
     "save_sharded", "load_sharded", "consolidate", "full_state_dict", "load_full_state_dict",

@@ -28,6 +28,17 @@ Rank ``r`` of ``R`` owns the classes ``[lo, hi)`` of the contiguous balanced lay
    (:func:`fusedface._engine.apply_in_slices`): every slice's part of ``dL/dx`` uses its rows
    before their update, and no ``[C_local, D]`` gradient exists.
 
+The heads of issue 16 on this pass. AdaFace's margins come from the norms of the gathered batch
+(its statistics move identically on every rank); CurricularFace's ``t`` moves over the shared raw
+target cosines of step 2 before the pass takes it as the per-row ``rt``; inter-class filtering is an
+option the kernels read from ``opts``. MagFace's margin and regulariser are per-row functions of
+each rank's OWN rows' norms: each rank places its values at its rows in the prologue's all-reduce
+(``m2_local``, ``term_local``), and since every rank holds the same averaged row gradients, ``f``,
+``lse`` and raw target cosines, every rank can form ``dL/dm2`` and ``dL/dterm`` of every row and
+returns those of its own rows to its own graph (no extra collective). Sub-centres (``K`` rows per
+class, class ``j``'s together): a shard holds whole classes (``[C_local·K, D]``), the owner's target
+cosine is the largest over the label's K rows, and Partial FC samples classes and runs their K rows.
+
 NPT (SPEC §4) replaces 3–4 by a streaming top-k on the shard, an all-gather of the ``k`` local
 candidates per row (O(B·k·R)) and a local top-k of the ``R·k`` candidates; its sparse backward
 runs on the ranks that own the selected columns and the label column.
@@ -48,9 +59,9 @@ import torch
 
 from .. import _inbackward, backends
 from .. import margins as M
-from .._engine import (apply_in_slices, apply_sparse_in_slices, choose_tile, sparse_column_contributions,
-                       sparse_column_grads,
-                       target_column_grad, target_transform, x_jacobian)
+from .._engine import (apply_in_slices, apply_sparse_in_slices, check_kernels, choose_tile, label_raw_cosines,
+                       margin_slopes, row_t, sparse_column_contributions, sparse_column_grads, target_column_grad,
+                       target_transform, x_jacobian)
 from .._numerics import compute_dtype, inverse_norms, nonfinite_centres, reduce_rows, row_margin
 from .._options import MarginOptions, NPTOptions
 from .._validate import check_embeddings_and_centres, check_label_tensor, check_labels, check_row_margins
@@ -192,53 +203,95 @@ class _Plan:
     c_y: torch.Tensor | None = None  # NPT
     stats: bool = False
     optim_token: int = 0  # the in-backward optimizer of the shard (fusedface.optim; 0: none)
+    row_index: torch.Tensor | None = None  # Partial FC: the rows of the shard run (K per sampled class)
+    raw_y: torch.Tensor | None = None  # the raw (unclamped) target cosine of every row, shared
+    m2: torch.Tensor | None = None  # the per-row m2 of the global batch the target used
+    rt: torch.Tensor | None = None  # CurricularFace's per-row t (negative="curricular"), else None
+    term: torch.Tensor | None = None  # a per-row term of the global batch (gathered), or None
+    term_weight: float = 1.0  # the loss rows get term_weight·term
 
     def global_ids(self, local_cols: torch.Tensor) -> torch.Tensor:
         cols = local_cols if self.index is None else self.index[local_cols]
         return cols + self.batch.lo
 
 
-def _columns(comm, batch, W, sample_rate, sample_generator):
-    """``(W_used, index, y_sub)``: the shard itself, or the Partial FC sample of it."""
+def _columns(comm, batch, W, sample_rate, sample_generator, K: int = 1):
+    """``(W_used, index, y_sub, rows)``: the shard itself, or the Partial FC sample of it. With ``K``
+    sub-centres per class (``W`` of ``[C_local·K, D]``) the sample is of CLASSES (``index``) and takes
+    the K rows of each (``rows``, the shard's rows run; ``index`` itself for ``K = 1``)."""
     if sample_rate is None:
-        return W, None, batch.y_shard
-    index, y_sub = sample_classes(batch.y_shard, W.shape[0], sample_rate, sample_generator)
-    return W.index_select(0, index), index, y_sub
+        return W, None, batch.y_shard, None
+    index, y_sub = sample_classes(batch.y_shard, W.shape[0] // K, sample_rate, sample_generator)
+    rows = index if K == 1 else (index[:, None] * K + torch.arange(K, device=index.device)).reshape(-1)
+    return W.index_select(0, rows), index, y_sub, rows
 
 
-def _owner_cosines(batch, W, y_sub, xinv, winv, cdt):
-    """Raw ``x̂_b·ŵ_y`` on the rows whose class this rank owns (0 elsewhere), as the prologue does."""
+def _owner_cosines(batch, W, y_sub, xinv, winv, cdt, K: int = 1):
+    """Raw ``x̂_b·ŵ_y`` on the rows whose class this rank owns (0 elsewhere), as the prologue does;
+    with ``K`` sub-centres per class the largest over the label's sub-centres."""
     owned = y_sub >= 0
-    ys = y_sub.clamp(min=0)
-    raw = (batch.x_all.to(cdt) * W[ys].to(cdt)).sum(dim=1) * xinv * winv[ys]
+    raw = label_raw_cosines(batch.x_all, W, y_sub.clamp(min=0), xinv, winv, K, cdt)
     return torch.where(owned, raw, torch.zeros_like(raw))
+
+
+def _placed(batch, t, cdt):
+    """This rank's rows ``t [b]`` at their place in a zero ``[B]`` vector (summed over the ranks: the
+    rows of every rank, exactly)."""
+    out = torch.zeros(batch.B, dtype=cdt, device=batch.x_all.device)
+    out[batch.offset: batch.offset + batch.sizes[batch.rank]] = t.detach().to(cdt)
+    return out
+
+
+def _check_local_rows(name, t, b: int):
+    if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (b,)):
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a tensor of this rank's {b} rows, got {shape}")
 
 
 def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backend="auto", tile_size=None,
                 m2=0.0, m3=0.0, class_m2=None, elastic: ElasticDraws | None = None, sample_rate=None,
-                sample_generator=None, batch_sizes=None, embedding_grad_scale=1.0, stats=True):
+                sample_generator=None, batch_sizes=None, embedding_grad_scale=1.0, stats=True, batch=None,
+                m2_local=None, m3_local=None, term_local=None, term_weight=1.0, rt=None):
     """Gather, sample and run the prologue; returns ``(W_used, plan)`` for :class:`MarginSoftmaxShardFunction`.
 
     ``m2``/``m3``: floats or per-row tensors over the GLOBAL batch (the same on every rank).
     ``class_m2``: a per-class margin of this shard ``[C_local]`` (KappaFace), looked up by the
-    owner of each row. ``elastic``: draws made on rank 0 and shared."""
+    owner of each row. ``elastic``: draws made on rank 0 and shared. ``batch``: the global batch
+    when the caller gathered it already (AdaFace's margins come from its norms).
+    ``m2_local``/``m3_local``: per-row margins of THIS rank's rows ``[b]`` (MagFace's, from each
+    row's norm), shared in the prologue's all-reduce; ``term_local``: a per-row term of this rank's
+    rows, shared likewise, of which ``term_weight`` times is added to the loss rows (MagFace's
+    regulariser; ``plan.term`` holds it over the global batch). When they require grad,
+    pass the same tensors to :class:`MarginSoftmaxShardFunction`, which returns their gradient.
+    ``rt``: CurricularFace's ``t`` (a tensor; the plan's ``raw_y`` holds the shared target cosines
+    it is updated from, and the caller may set ``plan.rt`` before the pass).
+    With ``opts.subcenters = K`` the shard ``W`` is ``[C_local·K, D]`` (class ``j``'s K rows together)."""
     check_local_batch(x, y, W)
     kernels = backends.get(backend, x.device)
-    batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
+    check_kernels(kernels, opts)
+    K = opts.subcenters
+    if W.shape[0] % K:
+        raise ValueError(f"with subcenters={K} the shard must hold K rows per class, got {W.shape[0]} rows")
+    if batch is None:
+        batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
+    b_local = x.shape[0]
+    for name, t in (("m2_local", m2_local), ("m3_local", m3_local), ("term_local", term_local)):
+        _check_local_rows(name, t, b_local)
     B, device = batch.B, x.device
     m2, m3 = check_row_margins(m2, m3, B, device)
     token = _inbackward.token_of(W)  # of the shard parameter, not of the Partial FC copy below
-    W_used, index, y_sub = _columns(comm, batch, W, sample_rate, sample_generator)
+    W_used, index, y_sub, rows_run = _columns(comm, batch, W, sample_rate, sample_generator, K)
     cdt = compute_dtype(x, W)
+    term = None
     with torch.no_grad():
         Wd = W_used.detach().contiguous()
         xinv = inverse_norms(batch.x_all, cdt)
         winv = inverse_norms(Wd, cdt)
         owned = y_sub >= 0
-        shared = [_owner_cosines(batch, Wd, y_sub, xinv, winv, cdt)]
+        shared = [_owner_cosines(batch, Wd, y_sub, xinv, winv, cdt, K)]
         if elastic is not None and elastic.plus:
             # the ranking of ElasticFace+ uses the same target cosines as the single-process head
-            shared.append(M.target_cosines(batch.x_all, Wd, y_sub, -1).to(cdt))
+            shared.append(M.target_cosines(batch.x_all, Wd, y_sub, -1, subcenters=K).to(cdt))
         if class_m2 is not None:
             m_own = class_m2[batch.y_shard.clamp(min=0)].to(cdt)
             shared.append(torch.where(owned, m_own, torch.zeros_like(m_own)))
@@ -250,6 +303,8 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
             else:
                 draws = torch.zeros(B, dtype=draw_dtype, device=device)
             shared.append(draws.to(cdt))
+        locals_ = [t for t in (m2_local, m3_local, term_local) if t is not None]
+        shared += [_placed(batch, t, cdt) for t in locals_]
         shared = comm.all_reduce(torch.stack(shared), "sum")  # one O(B) all-reduce; exact (zeros elsewhere)
         raw_y, rest = shared[0], list(shared[1:])
         if elastic is not None:
@@ -263,11 +318,40 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
                 m2 = m
             else:
                 m3 = m
-        f, slope = target_transform(raw_y, opts, row_margin(m2, B, device, cdt), row_margin(m3, B, device, cdt))
-    tile = choose_tile(B, x.shape[1], W_used.shape[0], None, tile_size)
+        if m2_local is not None:
+            m2 = rest.pop(0)
+        if m3_local is not None:
+            m3 = rest.pop(0)
+        if term_local is not None:
+            term = rest.pop(0)
+        m2 = row_margin(m2, B, device, cdt)
+        f, slope = target_transform(raw_y, opts, m2, row_margin(m3, B, device, cdt))
+    C_used = W_used.shape[0] // K
+    tile = choose_tile(B, x.shape[1], C_used * K, None, tile_size)
+    tile = max(1, tile // K) if tile_size is None else min(tile, C_used)  # classes per tile
     plan = _Plan(comm, batch, kernels, tile, cdt, x.dtype, y_sub, index, xinv, winv, float(embedding_grad_scale),
-                 opts=opts, f=f, slope=slope, stats=bool(stats), optim_token=token)
+                 opts=opts, f=f, slope=slope, stats=bool(stats), optim_token=token, row_index=rows_run,
+                 raw_y=raw_y, m2=m2, rt=row_t(rt, opts, B, device, cdt), term=term, term_weight=float(term_weight))
     return W_used, plan
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """The identity, its gradient multiplied by ``s``."""
+
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.s = s
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.s, None
+
+
+def scale_grad(x: torch.Tensor, s: float) -> torch.Tensor:
+    """``x`` whose gradient is multiplied by ``s`` (``embedding_grad_scale`` on the paths to the
+    embeddings that do not pass through the reduce-scatter: MagFace's norm)."""
+    return x if s == 1.0 else _ScaleGrad.apply(x, float(s))
 
 
 def _mean_upstream(plan: _Plan, grad_rows: torch.Tensor) -> torch.Tensor:
@@ -293,20 +377,28 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
 
     Inputs: this rank's embeddings ``x_local [b, D]`` (the gradient comes back to them by a
     reduce-scatter), the columns of ``W`` this rank runs (its shard or its Partial FC sample) and
-    the ``plan`` of :func:`margin_plan`."""
+    the ``plan`` of :func:`margin_plan`; optionally the per-row tensors of this rank's rows the plan
+    was built with (``m2_local``, ``m3_local``, ``term_local``), whose gradient it returns.
+
+    Their gradient: the upstream row gradients are averaged over ranks (as for ``dL/dx``), so every
+    rank computes the same ``dℓ/df_b = s·(p_y − 1)·gl_b`` for every row of the global batch (``f``,
+    ``lse`` and the raw target cosine are shared); ``dL/dm2_b = dℓ/df_b·dT/dm2``, ``dL/dm3_b = dℓ/df_b·dT/dm3``
+    and ``dL/dterm_b = term_weight·gl_b``, and each rank keeps its own rows (no communication)."""
 
     @staticmethod
-    def forward(ctx, x_local, W, plan: _Plan):
+    def forward(ctx, x_local, W, plan: _Plan, m2_local=None, m3_local=None, term_local=None):
         comm, b, opts, cdt = plan.comm, plan.batch, plan.opts, plan.cdt
+        K = opts.subcenters
         Wc = W.contiguous()
+        extra = {"rt": plan.rt} if plan.rt is not None else {}
         lse_r, pred_r, sv_r, _ = plan.kernels.margin_forward(b.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, plan.f,
-                                                          opts, plan.tile)
+                                                          opts, plan.tile, **extra)
         lse_r = lse_r.to(cdt)
         # NaN in, NaN out (fusedface._engine._nan_if_bad_centres) across ranks: a flag rides on the max
         nan_r = nonfinite_centres(Wc, plan.winv).any().to(cdt).expand(b.B)
         if plan.stats:
             pr = pred_r.long()
-            best = ((b.x_all.to(cdt) * Wc[pr].to(cdt)).sum(dim=1) * plan.xinv * plan.winv[pr]).clamp(-1.0, 1.0)
+            best = label_raw_cosines(b.x_all, Wc, pr, plan.xinv, plan.winv, K, cdt).clamp(-1.0, 1.0)
             top = comm.all_reduce(torch.stack([lse_r, best, nan_r]), "max")
             M, best_all, nan_any = top[0], top[1], top[2]
             tot = comm.all_reduce(torch.stack([torch.exp(lse_r - M).double(), sv_r.double()]), "sum")
@@ -321,9 +413,12 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
             sv = torch.zeros(b.B, dtype=torch.long, device=lse_r.device)
         lse = (M.double() + torch.log(tot[0])).to(cdt)
         rows = torch.where(nan_any > 0, torch.full_like(lse, float("nan")), lse - opts.scale * plan.f)
+        if plan.term is not None:
+            rows = rows + plan.term_weight * plan.term
         rows = torch.where(b.valid, rows, torch.zeros_like(lse))
         ctx.save_for_backward(Wc, lse)
         ctx.plan = plan
+        ctx.local_dtypes = tuple(None if t is None else t.dtype for t in (m2_local, m3_local, term_local))
         ctx.mark_non_differentiable(pred, sv)
         return rows, pred, sv
 
@@ -339,55 +434,80 @@ class MarginSoftmaxShardFunction(torch.autograd.Function):
         Wc, lse = ctx.saved_tensors
         opts = plan.opts
         gl = _mean_upstream(plan, grad_rows)
+        local = _local_grads(ctx, plan, lse, gl)
+        if not (need_dx or need_dW):
+            return (None, None, None) + local
         dcy = target_column_grad(opts, plan.f, lse, gl, plan.slope)
         dcy = torch.where(plan.y_sub >= 0, dcy, torch.zeros_like(dcy))  # the label column lives on its owner
-        if not (need_dx or need_dW):
-            return None, None, None
+        extra = {"rt": plan.rt} if plan.rt is not None else {}
         if upd is not None:
             # the in-backward optimizer (fusedface.optim): this shard's dL/dW slice by slice, each slice
-            # applied to the shard (rows index[lo:hi] for a Partial FC sample) after its part of dL/dx
+            # applied to the shard (rows row_index[lo:hi] for a Partial FC sample) after its part of dL/dx
             # was formed with the rows before their update
             Gx = apply_in_slices(upd, plan.batch.x_all, Wc, plan.y_sub, plan.xinv, plan.winv, plan.f, lse, gl, dcy,
-                                 opts, plan.kernels, plan.tile, need_dx, index=plan.index)
+                                 opts, plan.kernels, plan.tile, need_dx, index=plan.row_index, **extra)
             _finish_update(upd, plan)
             dx = _scatter_dx(plan, Gx) if need_dx else None
-            return dx, None, None
+            return (dx, None, None) + local
         Gx, dW = plan.kernels.margin_backward(plan.batch.x_all, Wc, plan.xinv, plan.winv, plan.y_sub, plan.f, lse,
-                                              gl, dcy, opts, plan.tile, need_dx, need_dW)
+                                              gl, dcy, opts, plan.tile, need_dx, need_dW, **extra)
         dx = _scatter_dx(plan, Gx) if need_dx else None
-        return dx, (dW if need_dW else None), None
+        return (dx, (dW if need_dW else None), None) + local
+
+
+def _local_grads(ctx, plan: _Plan, lse, gl) -> tuple:
+    """The gradients of ``m2_local``, ``m3_local`` and ``term_local`` (this rank's rows; None where not
+    asked for), from the averaged upstream row gradient ``gl`` (the same on every rank)."""
+    need = ctx.needs_input_grad[3:6]
+    out = [None, None, None]
+    if not any(need):
+        return tuple(out)
+    opts, b = plan.opts, plan.batch
+    dldf = opts.scale * (torch.exp(opts.scale * plan.f - lse) - 1.0) * gl
+    if need[0] or need[1]:
+        d2, d3 = margin_slopes(plan.raw_y, opts, plan.m2)
+        if need[0]:
+            out[0] = b.local_rows(dldf * d2)
+        if need[1]:
+            out[1] = b.local_rows(dldf * d3)
+    if need[2]:
+        out[2] = b.local_rows(plan.term_weight * gl)
+    return tuple(None if g is None else g.to(dt) for g, dt in zip(out, ctx.local_dtypes))
 
 
 def _finish_update(upd, plan: _Plan) -> None:
     """Closes a shard's in-backward update. With a Partial FC sample and ``sparse=False`` (the dense
     semantics of ``torch.optim``), the rows of the shard outside the sample get the update of a zero
     gradient (weight decay, momentum), as ``torch.optim`` gives the zero rows of the dense gradient."""
-    if plan.index is not None and not upd.sparse:
-        upd.apply_rows_without_grad(plan.index)
+    if plan.row_index is not None and not upd.sparse:
+        upd.apply_rows_without_grad(plan.row_index)
     upd.finish()
 
 
 def margin_softmax_loss(x, W_shard, y, *, num_classes, scale=64.0, m1=1.0, m2=0.0, m3=0.0, theta_policy="none",
                         negative="none", t=0.0, grad_mode="exact", reduction="mean", ignore_index=-1, backend="auto",
                         tile_size=None, group=None, sample_rate=None, sample_generator=None, batch_sizes=None,
-                        embedding_grad_scale=1.0):
+                        embedding_grad_scale=1.0, interclass_threshold=None, subcenters=1, rt=None):
     """The margin softmax of :func:`fusedface.functional.margin_softmax_loss` with the classes
     sharded over ``group`` (default: the default process group; a world of one without one).
 
     ``x [b, D]``, ``y [b]``: this rank's rows (``b`` may differ between ranks); ``W_shard``: this
-    rank's classes ``[C_local, D]`` of the contiguous balanced layout of ``num_classes``. Returns the
+    rank's classes ``[C_local, D]`` of the contiguous balanced layout of ``num_classes`` (``[C_local·K,
+    D]`` with ``subcenters = K``, class ``j``'s K rows together). Returns the
     loss of the GLOBAL batch, the same on every rank (``reduction="none"``: the rows of the global
     batch, rank by rank). Per-row ``m2``/``m3`` tensors are over the global batch. ``sample_rate``
     turns on Partial FC. ``embedding_grad_scale`` multiplies the gradient returned to ``x`` (set it
-    to the world size when DDP averages the backbone's gradients, as InsightFace does)."""
+    to the world size when DDP averages the backbone's gradients, as InsightFace does). ``rt``:
+    CurricularFace's ``t`` (a tensor) for ``negative="curricular"`` (default: ``t``)."""
     opts = MarginOptions(scale=scale, m1=m1, theta_policy=theta_policy, negative=negative, t=t,
-                         grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index)
+                         grad_mode=grad_mode, reduction=reduction, ignore_index=ignore_index,
+                         interclass_threshold=interclass_threshold, subcenters=subcenters)
     comm = Comm(group)
-    _check_shard(W_shard, num_classes, comm)
+    _check_shard(W_shard, num_classes, comm, opts.subcenters)
     W_used, plan = margin_plan(comm, x, W_shard, y, opts, num_classes=num_classes, backend=backend,
                                tile_size=tile_size, m2=m2, m3=m3, sample_rate=sample_rate,
                                sample_generator=sample_generator, batch_sizes=batch_sizes,
-                               embedding_grad_scale=embedding_grad_scale, stats=False)
+                               embedding_grad_scale=embedding_grad_scale, stats=False, rt=rt)
     rows, _, _ = MarginSoftmaxShardFunction.apply(x, W_used, plan)
     return reduce_rows(rows, plan.batch.valid, reduction)
 
@@ -411,14 +531,15 @@ def check_sample_rate(sample_rate, allow_none: bool = True) -> None:
                          f"got {sample_rate!r}")
 
 
-def _check_shard(W_shard, num_classes, comm):
+def _check_shard(W_shard, num_classes, comm, K: int = 1):
     check_num_classes(num_classes, comm.world_size)
     want = shard_sizes(num_classes, comm.world_size)[comm.rank]
-    if not isinstance(W_shard, torch.Tensor) or W_shard.dim() != 2 or W_shard.shape[0] != want:
+    if not isinstance(W_shard, torch.Tensor) or W_shard.dim() != 2 or W_shard.shape[0] != want * K:
         shape = tuple(W_shard.shape) if isinstance(W_shard, torch.Tensor) else type(W_shard).__name__
+        lo, hi = shard_range(num_classes, comm.world_size, comm.rank)
+        rows = f"rows {(lo, hi)} of W" if K == 1 else f"rows {(lo * K, hi * K)} of W: {K} sub-centres per class"
         raise ValueError(f"rank {comm.rank} of {comm.world_size} owns {want} of num_classes={num_classes} classes "
-                         f"(rows {shard_range(num_classes, comm.world_size, comm.rank)} of W) but W_shard has shape "
-                         f"{shape}; slice W with fusedface.distributed.shard_range")
+                         f"({rows}) but W_shard has shape {shape}; slice W with fusedface.distributed.shard_range")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +556,7 @@ def npt_plan(comm: Comm, x, W, y, opts: NPTOptions, *, num_classes, backend="aut
     kernels = backends.get(backend, x.device)
     batch = gather_batch(comm, x, y, num_classes, opts.ignore_index, batch_sizes)
     token = _inbackward.token_of(W)
-    W_used, index, y_sub = _columns(comm, batch, W, sample_rate, sample_generator)
+    W_used, index, y_sub, rows_run = _columns(comm, batch, W, sample_rate, sample_generator)
     cdt = compute_dtype(x, W)
     with torch.no_grad():
         Wd = W_used.detach().contiguous()
@@ -444,7 +565,7 @@ def npt_plan(comm: Comm, x, W, y, opts: NPTOptions, *, num_classes, backend="aut
         c_y = comm.all_reduce(_owner_cosines(batch, Wd, y_sub, xinv, winv, cdt).clamp(-1.0, 1.0), "sum")
     tile = choose_tile(batch.B, x.shape[1], W_used.shape[0], None, tile_size)
     plan = _Plan(comm, batch, kernels, tile, cdt, x.dtype, y_sub, index, xinv, winv, float(embedding_grad_scale),
-                 opts=opts, c_y=c_y, optim_token=token)
+                 opts=opts, c_y=c_y, optim_token=token, row_index=rows_run)
     return W_used, plan
 
 

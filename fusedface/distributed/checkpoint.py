@@ -12,7 +12,9 @@ Two ways, both exact (a copy of every value, no arithmetic):
   ``fusedface.ArcFace(D, C).load_state_dict`` accepts; :func:`load_full_state_dict` slices one.
 
 What is sharded: every entry listed by ``head.per_class_keys`` (``weight`` and KappaFace's
-``class_margins``, ``resultant_sum``, ``epoch_counts``, ``class_counts``, ``class_kappa``).
+``class_margins``, ``resultant_sum``, ``epoch_counts``, ``class_counts``, ``class_kappa``), by CLASS:
+with Sub-center ArcFace's ``K`` sub-centres per class ``weight`` (and its optimizer state) has K rows
+per class (``head.rows_per_class(key)``), cut and concatenated K rows at a time.
 What is replicated: everything else (KappaFace's ``epochs_seen``; ElasticFace's generator state,
 taken from rank 0, the rank that draws). Not included: the Partial FC sampling generator (per
 rank, with no meaning in another world size).
@@ -99,7 +101,7 @@ def save_sharded(head, directory, optimizer=None) -> Path:
     state = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in head.head.state_dict().items()}
     payload = {"format": FORMAT, "head_class": _head_name(head), "in_features": head.in_features,
                "num_classes": head.num_classes, "world_size": R, "rank": r, "class_range": list(head.class_range),
-               "per_class_keys": list(head.per_class_keys), "state": state}
+               "per_class_keys": list(head.per_class_keys), "subcenters": head.subcenters, "state": state}
     if opt_payload is not None:
         payload["optimizer"] = opt_payload
     out = path / f"shard-{r:05d}-of-{R:05d}.pt"
@@ -114,6 +116,9 @@ def _check_compatible(head, payload, where) -> None:
                          f"cannot load into one of {head.num_classes} × {head.in_features}")
     if payload["head_class"] != _head_name(head):
         raise ValueError(f"{where} holds a {payload['head_class']} head, this is a {_head_name(head)}")
+    if payload.get("subcenters", 1) != head.subcenters:
+        raise ValueError(f"{where} holds {payload.get('subcenters', 1)} sub-centres per class, this head has "
+                         f"{head.subcenters}")
 
 
 def load_sharded(head, directory, optimizer=None) -> None:
@@ -140,10 +145,11 @@ def load_sharded(head, directory, optimizer=None) -> None:
             if key not in state:
                 raise KeyError(f"{files[s]} has no entry {key!r}")
             if key in per_class:
+                m = head.rows_per_class(key)
                 if key not in new:
-                    new[key] = torch.empty((hi - lo,) + tuple(ref.shape[1:]), dtype=state[key].dtype)
+                    new[key] = torch.empty(((hi - lo) * m,) + tuple(ref.shape[1:]), dtype=state[key].dtype)
                 if a < b:
-                    new[key][a - lo: b - lo] = state[key][a - slo: b - slo]
+                    new[key][(a - lo) * m: (b - lo) * m] = state[key][(a - slo) * m: (b - slo) * m]
             elif s == 0:
                 new[key] = state[key]
         if optimizer is not None:
@@ -159,13 +165,14 @@ def load_sharded(head, directory, optimizer=None) -> None:
                 raise ValueError(f"{files[s]} and {files[0]} disagree on the optimizer's hyperparameters or scalar "
                                  "state (a checkpoint whose shards were saved at different steps?)")
             for name, e in opt["params"].items():
+                m = head.rows_per_class(name)
                 for k in e["per_class"]:
                     v = e["state"][k]
                     dest = opt_new[name]["state"]
                     if k not in dest:
-                        dest[k] = torch.empty((hi - lo,) + tuple(v.shape[1:]), dtype=v.dtype)
+                        dest[k] = torch.empty(((hi - lo) * m,) + tuple(v.shape[1:]), dtype=v.dtype)
                     if a < b:
-                        dest[k][a - lo: b - lo] = v[a - slo: b - slo]
+                        dest[k][(a - lo) * m: (b - lo) * m] = v[(a - slo) * m: (b - slo) * m]
     head.head.load_state_dict(new, strict=True)
     if optimizer is not None:
         _install_optimizer_state(head, optimizer, opt_first["class"], opt_new)
@@ -218,7 +225,7 @@ def full_state_dict(head, dst: int = 0, optimizer=None):
                 value = comm.broadcast_object(value, src=0)
             out[key] = value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
             continue
-        out[key] = _gather_classes(head, value, dst)
+        out[key] = _gather_classes(head, value, dst, head.rows_per_class(key))
     if opt_payload is None:
         return out if comm.rank == dst else None
     entries = {}
@@ -226,7 +233,7 @@ def full_state_dict(head, dst: int = 0, optimizer=None):
         st = {}
         for k, v in e["state"].items():
             if k in e["per_class"]:
-                st[k] = _gather_classes(head, v, dst)
+                st[k] = _gather_classes(head, v, dst, head.rows_per_class(name))
             else:  # replicated (checked equal on every rank above)
                 st[k] = v.clone() if isinstance(v, torch.Tensor) else v
         entries[name] = {"group": e["group"], "state": st}
@@ -235,18 +242,19 @@ def full_state_dict(head, dst: int = 0, optimizer=None):
     return out, _entries_to_state_dict(entries, list(opt_payload["params"]))
 
 
-def _gather_classes(head, value, dst):
-    """A per-class tensor of every rank (its first dimension the rank's classes) concatenated over
-    all classes on rank ``dst`` (CPU), in row chunks of at most 64 MiB; None on the other ranks."""
+def _gather_classes(head, value, dst, rows_per_class: int = 1):
+    """A per-class tensor of every rank (its first dimension the rank's classes, ``rows_per_class``
+    rows each) concatenated over all classes on rank ``dst`` (CPU), in row chunks of at most 64 MiB;
+    None on the other ranks."""
     comm = head.comm
     R = comm.world_size
-    sizes = shard_sizes(head.num_classes, R)
+    sizes = [s * rows_per_class for s in shard_sizes(head.num_classes, R)]
     value = value.detach()
     row_bytes = max(1, value[0].numel() * value.element_size()) if value.shape[0] else 1
     chunk = max(1, _CHUNK_BYTES // row_bytes)
     full = None
     if comm.rank == dst:
-        full = torch.empty((head.num_classes,) + tuple(value.shape[1:]), dtype=value.dtype)
+        full = torch.empty((head.num_classes * rows_per_class,) + tuple(value.shape[1:]), dtype=value.dtype)
     starts = [sum(sizes[:r]) for r in range(R)]
     for j in range(0, max(sizes), chunk):
         part_sizes = [max(0, min(s - j, chunk)) for s in sizes]
@@ -276,9 +284,11 @@ def load_full_state_dict(head, state: dict, optimizer=None, optimizer_state: dic
             raise KeyError(f"the state has no entry {key!r} (a {_head_name(head)} state over all classes is expected)")
         value = state[key]
         if key in per_class:
-            if value.shape[0] != head.num_classes:
-                raise ValueError(f"{key!r} has {value.shape[0]} rows, the head has num_classes={head.num_classes}")
-            value = value[lo:hi]
+            m = head.rows_per_class(key)
+            if value.shape[0] != head.num_classes * m:
+                raise ValueError(f"{key!r} has {value.shape[0]} rows, the head has num_classes={head.num_classes}"
+                                 + (f" × {m} sub-centres" if m > 1 else ""))
+            value = value[lo * m:hi * m]
         local[key] = value
     unexpected = set(state) - set(local)
     if unexpected:
@@ -391,10 +401,11 @@ def _state_dict_to_entries(head, sd: dict) -> dict:
         state, per_class = {}, []
         for k, v in sd["state"].get(i, {}).items():
             if isinstance(v, torch.Tensor) and v.dim() >= 1 and name in per_class_params:
-                if v.shape[0] != head.num_classes:
+                m = head.rows_per_class(name)
+                if v.shape[0] != head.num_classes * m:
                     raise ValueError(f"optimizer state {k!r} of {name!r} has {v.shape[0]} rows, the head has "
-                                     f"num_classes={head.num_classes}")
-                v = v[lo:hi]
+                                     f"num_classes={head.num_classes}" + (f" × {m} sub-centres" if m > 1 else ""))
+                v = v[lo * m:hi * m]
                 per_class.append(k)
             state[k] = v
         entries[name] = {"group": {k: v for k, v in group.items() if k != "params"}, "state": state,

@@ -18,6 +18,10 @@ buffers are those of the single-process head. ``forward(embeddings, labels)`` ta
 rows and returns the loss of the global batch, the same on every rank. Every rank must call
 ``forward`` and ``backward`` in the same order (they run collectives).
 
+AdaFace's and CurricularFace's running statistics move over the GLOBAL batch (the same on every
+rank: the ranks' ``state_dict`` agree); MagFace's margin and regulariser come from each rank's own
+rows with their gradient; Sub-center ArcFace's shard holds the K sub-centres of each of its classes.
+
 ``fusedface.optim.SGD(head.parameters(), ...)`` / ``AdamW`` work as on the single-process heads:
 each rank's backward applies the update to its own shard, slice by slice (``W.grad`` is never
 allocated); with Partial FC, ``sparse=True`` updates only the sampled rows and ``sparse=False``
@@ -31,18 +35,38 @@ from torch import nn
 from .. import margins as M
 from .._numerics import reduce_rows
 from ..otface import ot_triplet_loss
-from ..modules import (ArcFace, CombinedMargin, CosFace, ElasticArcFace, ElasticCosFace, KappaFace,
-                       MarginSoftmaxHead, MVSoftmax, NPT, OTFace, SphereFace, SVSoftmax, _ClassCentres, _Elastic)
+from .._engine import row_t
+from ..modules import (AdaFace, ArcFace, CombinedMargin, CosFace, CurricularFace, ElasticArcFace, ElasticCosFace,
+                       KappaFace, MagFace, MarginSoftmaxHead, MVSoftmax, NPT, OTFace, SphereFace, SubCenterArcFace,
+                       SVSoftmax, _ClassCentres, _Elastic)
 from ._comm import Comm, shard_range
 from ._functions import (ElasticDraws, MarginSoftmaxShardFunction, NPTShardFunction, check_local_batch,
                          check_num_classes, check_sample_rate, gather_batch,
-                         margin_plan, npt_plan)
+                         margin_plan, npt_plan, scale_grad)
 
 __all__ = [
     "ShardedHead", "ShardedMarginSoftmaxHead", "ShardedArcFace", "ShardedCosFace", "ShardedCombinedMargin",
     "ShardedSphereFace", "ShardedElasticArcFace", "ShardedElasticCosFace", "ShardedKappaFace", "ShardedSVSoftmax",
-    "ShardedMVSoftmax", "ShardedNPT", "ShardedOTFace",
+    "ShardedMVSoftmax", "ShardedNPT", "ShardedOTFace", "ShardedAdaFace", "ShardedCurricularFace", "ShardedMagFace",
+    "ShardedSubCenterArcFace",
 ]
+
+# the per-row hooks of the single-process heads that read W[y] or the whole batch on one process, and the
+# families whose own hook the sharded head replaces by its global-batch equivalent (ShardedHead.forward)
+_SHARDED_HOOKS = {"row_margins": (_Elastic, KappaFace, AdaFace, MagFace), "row_rewrite": (CurricularFace,)}
+
+
+def _unshardable_hook(head_class) -> str | None:
+    """The per-row hook ``head_class`` overrides that the sharded pass cannot reproduce, or None."""
+    for name, families in _SHARDED_HOOKS.items():
+        fn = getattr(head_class, name)
+        if fn is getattr(MarginSoftmaxHead, name):
+            continue
+        if any(issubclass(head_class, k) and fn is getattr(k, name) for k in families):
+            continue
+        return name
+    return None
+
 
 KAPPA_PER_CLASS = ("class_margins", "resultant_sum", "epoch_counts", "class_counts", "class_kappa")
 
@@ -78,11 +102,11 @@ class ShardedHead(nn.Module):
             self.head = _ClassCentres(in_features, hi - lo, backend=proto.backend, device=device, dtype=dtype)
             self.head.options = proto.options
         else:
-            if (head_class.row_margins is not MarginSoftmaxHead.row_margins
-                    and not issubclass(head_class, (_Elastic, KappaFace))):
-                raise TypeError(f"{head_class.__name__} overrides row_margins, which needs W[y] on one rank: "
-                                "it cannot be sharded as is; compute the per-row margins of the global batch "
-                                "and call fusedface.distributed.margin_softmax_loss(..., m2=..., m3=...)")
+            hook = _unshardable_hook(head_class)
+            if hook is not None:
+                raise TypeError(f"{head_class.__name__} overrides {hook}, which needs W[y] on one rank: "
+                                "it cannot be sharded as is; compute the per-row margins (and t) of the global batch "
+                                "and call fusedface.distributed.margin_softmax_loss(..., m2=..., m3=..., rt=...)")
             self.head = head_class(in_features, hi - lo, device=device, dtype=dtype, **head_kwargs)
         self.sample_rate = None if sample_rate is None else float(sample_rate)
         self.sample_generator = sample_generator
@@ -98,8 +122,19 @@ class ShardedHead(nn.Module):
 
     @property
     def weight(self) -> nn.Parameter:
-        """This rank's class centres ``[C_local, D]`` (rows ``class_range`` of the full ``W``)."""
+        """This rank's class centres ``[C_local, D]`` (rows ``class_range`` of the full ``W``); with
+        ``K`` sub-centres per class ``[C_local·K, D]`` (rows ``lo·K : hi·K``, class ``j``'s K together)."""
         return self.head.weight
+
+    @property
+    def subcenters(self) -> int:
+        """Rows of ``weight`` per class (Sub-center ArcFace's K; 1 otherwise)."""
+        return getattr(self.head.options, "subcenters", 1)
+
+    def rows_per_class(self, key: str) -> int:
+        """Rows per class of the per-class entry ``key`` of ``self.head.state_dict()`` (or of the
+        optimizer state of the parameter ``key``): K for ``weight``, 1 for the others."""
+        return self.subcenters if key == "weight" else 1
 
     @property
     def options(self):
@@ -143,19 +178,40 @@ class ShardedHead(nn.Module):
             loss = reduce_rows(rows, plan.batch.valid, h.options.reduction)
             self._remember(plan)
             return loss
-        extra = {}
+        extra, local = {}, {}
         if isinstance(h, _Elastic):
             extra["elastic"] = ElasticDraws(h.margin_mean, h.margin_std, h.plus, h._slot, h.generator)
         elif isinstance(h, KappaFace):
             extra["class_m2"] = h.class_margins
+        elif isinstance(h, AdaFace):
+            # the norms of the GLOBAL batch (gathered): every rank moves its statistics identically
+            check_local_batch(embeddings, labels, h.weight)
+            batch = gather_batch(self.comm, embeddings, labels, self.num_classes, h.options.ignore_index, batch_sizes)
+            extra["batch"] = batch
+            extra["m2"], extra["m3"] = M.adaface_margins(batch.x_all, batch.valid, h.batch_mean, h.batch_std,
+                                                         margin=h.margin, h=h.h, t_alpha=h.t_alpha, update=h.training)
+        elif isinstance(h, MagFace):
+            # each rank's margins and regulariser from its own rows' norms, with their gradient: the
+            # prologue shares the values, the pass returns dL/dm2 and dL/dg of this rank's rows
+            a = M.magface_norms(scale_grad(embeddings, self.embedding_grad_scale), h.l_a, h.u_a)
+            local["m2_local"] = M.magface_margins(a, h.l_a, h.u_a, h.l_margin, h.u_margin)
+            local["term_local"] = M.magface_regularizer(a, h.u_a)
+            extra["term_weight"] = h.lambda_g
         else:
             extra["m2"], extra["m3"] = h.m2, h.m3
         W_used, plan = margin_plan(self.comm, embeddings, h.weight, labels, h.options, stats=self.track_stats,
-                                   **common, **extra)
+                                   **common, **extra, **local)
         if isinstance(h, KappaFace) and self.training and h.auto_update:
             self._accumulate(plan.batch)
-        rows, pred, sv = MarginSoftmaxShardFunction.apply(embeddings, W_used, plan)
+        if isinstance(h, CurricularFace):
+            if h.training:  # t from the GLOBAL batch's target cosines (shared by the prologue), before its use
+                M.curricular_update(h.t, plan.raw_y.clamp(-1.0, 1.0), plan.batch.valid, h.momentum)
+            plan.rt = row_t(h.t, h.options, plan.batch.B, embeddings.device, plan.cdt)
+        rows, pred, sv = MarginSoftmaxShardFunction.apply(embeddings, W_used, plan, local.get("m2_local"), None,
+                                                          local.get("term_local"))
         loss = reduce_rows(rows, plan.batch.valid, h.options.reduction)
+        if isinstance(h, MagFace):
+            h.last_regularizer = reduce_rows(plan.term, plan.batch.valid, "mean").detach()
         self._remember(plan)
         if self.track_stats:
             valid = plan.batch.valid
@@ -326,3 +382,39 @@ class ShardedOTFace(ShardedHead):
     the returned loss differs between ranks by that term."""
 
     head_class = OTFace
+
+
+class ShardedAdaFace(ShardedHead):
+    """:class:`fusedface.AdaFace`, classes sharded. The norm statistics (``batch_mean``, ``batch_std``)
+    move over the GLOBAL batch's norms (from the gathered embeddings), the same on every rank, so the
+    ranks' buffers agree; the per-row margins are then those of the single-process head."""
+
+    head_class = AdaFace
+
+
+class ShardedCurricularFace(ShardedHead):
+    """:class:`fusedface.CurricularFace`, classes sharded. ``t`` moves over the GLOBAL batch's target
+    cosines (the raw target cosines the prologue already shares, clamped) before the pass uses it,
+    the same on every rank."""
+
+    head_class = CurricularFace
+
+
+class ShardedMagFace(ShardedHead):
+    """:class:`fusedface.MagFace`, classes sharded. Each rank forms the margin ``m(a)`` and
+    regulariser ``g(a)`` of its own rows from their norms (with their gradient); the prologue's
+    all-reduce shares them, the loss is the single-process head's over the global batch (softmax
+    plus ``λ_g`` times the reduced regulariser), and the backward hands each rank ``dL/dm`` and
+    ``dL/dg`` of its own rows (from the shared, rank-averaged row gradients), which reach the
+    embeddings through the norm (times ``embedding_grad_scale``)."""
+
+    head_class = MagFace
+
+
+class ShardedSubCenterArcFace(ShardedHead):
+    """:class:`fusedface.SubCenterArcFace`, classes sharded: each rank holds whole classes, the K
+    sub-centres of each (``weight [C_local·K, D]``); Partial FC samples classes and runs all K rows
+    of each; checkpoints reshard by class, K rows at a time. (The cleaning helpers of the
+    single-process head, ``nearest_counts`` …, are not sharded: consolidate the checkpoint first.)"""
+
+    head_class = SubCenterArcFace
