@@ -11,25 +11,34 @@ communication.
 
 Every fused backend (``torch``, ``native``, ``triton``) plugs three tile kernels into it:
 
-``margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False) -> (lse [B] f32/f64, pred [B] i64, sv [B] i32, block)``
-    One pass over class tiles. Per tile: ``c = clamp((x·Wᵀ)·xinv·winv, -1, 1)``; columns with
-    ``c > f_b`` other than the label are support vectors (rewritten to ``a·c + b``); the label
-    column's logit is ``s·f_b``; fold ``z = s·g`` into an online log-sum-exp. ``pred`` is the
-    arg-max of ``c`` (training accuracy), ``sv`` the support-vector count. ``y`` is ``-1`` on
-    ignored rows (no label column). ``block``: the ``[C, B]`` cosines kept for the backward when
-    ``keep_block`` (backends with ``KEEPS_BLOCK``), else None.
+``margin_forward(x, W, xinv, winv, y, f, opts, tile, keep_block=False, rt=None) -> (lse [B] f32/f64, pred [B] i64, sv [B] i32, block)``
+    One pass over class tiles. Per tile: ``c = clamp((x·Wᵀ)·xinv·winv, -1, 1)``; a negative column
+    with ``c > opts.filter_threshold`` is filtered (``g = 0``, no gradient, InsightFace's inter-class
+    filtering); other columns with ``c > f_b`` other than the label are support vectors, rewritten
+    to ``g = (q·c + a + t_b)·c + b`` with ``(q, a, b) = opts.rewrite3`` and ``t_b = rt[b]`` (0 when
+    ``rt`` is None; CurricularFace: ``c·(t_b + c)``); the label column's logit is ``s·f_b``; fold
+    ``z = s·g`` into an online log-sum-exp. ``pred`` is the arg-max of ``c`` (training accuracy),
+    ``sv`` the support-vector count. ``y`` is ``-1`` on ignored rows (no label column). With
+    ``K = opts.subcenters`` ``W`` holds ``C·K`` rows and a class's raw cosine is the largest of its
+    K sub-centres' (``tile`` counts classes). ``block``: the ``[C, B]`` cosines kept for the backward
+    when ``keep_block`` (backends with ``KEEPS_BLOCK``), else None.
 
-``margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None) -> (Gx, dW)``
+``margin_backward(x, W, xinv, winv, y, f, lse, gl, dcy, opts, tile, need_dx, need_dW, block=None, rt=None) -> (Gx, dW)``
     Recomputes each tile. ``dℓ/dc_bk = s·exp(z_bk − lse_b)·gl_b·slope_bk`` for negatives
-    (``slope`` is ``a`` on support vectors, 1 elsewhere, 0 where the raw cosine was clamped) and
-    ``dcy_b`` on the label column. Returns ``Gx = Σ_k dℓ/dc_bk·ŵ_k`` ([B, D], accumulation dtype)
-    and ``dW`` ([C, D], W's dtype) with the normalisation Jacobian of W already applied.
+    (``slope`` is ``2q·c + a + t_b`` on support vectors, 0 on filtered columns, 1 elsewhere, and 0
+    where the raw cosine was clamped) and ``dcy_b`` on the label column; with sub-centres it flows
+    to the arg-max sub-centre only. Returns ``Gx = Σ_k dℓ/dc_bk·ŵ_k`` ([B, D], accumulation dtype)
+    and ``dW`` ([C·K, D], W's dtype) with the normalisation Jacobian of W already applied.
+
+A backend implements the options beyond the seed family (``MarginOptions.seed_family`` False) only
+when it sets ``MARGIN_EXTENSIONS``; the engine refuses them elsewhere (:func:`check_kernels`).
 
 ``npt_forward(x, W, xinv, winv, y, k, tile) -> (values [B, k], index [B, k])``
     Streaming top-k of ``c`` over the columns other than the label.
 
 Everything else — the O(B·D) prologue (norms, target cosines, the target transform and its slope),
-the reductions, the x-side Jacobian and NPT's sparse backward — is plain PyTorch here, shared by
+the reductions, the x-side Jacobian, NPT's sparse backward and the gradients of per-row margins that
+require grad (``dL/dm2``, ``dL/dm3`` from the label column, O(B)) — is plain PyTorch here, shared by
 all backends, and free of host synchronisation.
 """
 from __future__ import annotations

@@ -68,8 +68,13 @@ LOSSES = {
     "kappaface": lambda d, c, be, s: ff.KappaFace(d, c, scale=s, backend=be),
     "mv-arc": lambda d, c, be, s: ff.MVSoftmax(d, c, scale=s, margin_type="arc", backend=be),
     "npt": lambda d, c, be, s: ff.NPT(d, c, k=2, backend=be),
+    "adaface": lambda d, c, be, s: ff.AdaFace(d, c, scale=s, backend=be),
+    "curricularface": lambda d, c, be, s: ff.CurricularFace(d, c, scale=s, backend=be),
+    "magface": lambda d, c, be, s: ff.MagFace(d, c, scale=s, backend=be),
+    "subcenter-arc": lambda d, c, be, s: ff.SubCenterArcFace(d, c, k=3, scale=s, backend=be),
 }
-MARGIN_ATTRS = ("m2", "m3", "margin_mean")  # float margins a warm-up can scale (KappaFace, NPT: none)
+# float margins a warm-up can scale (KappaFace, NPT: none; AdaFace's base margin; MagFace's range)
+MARGIN_ATTRS = ("m2", "m3", "margin_mean", "margin", "l_margin", "u_margin")
 
 
 # ----------------------------------------------------------------------------- data

@@ -485,8 +485,9 @@ class MagFace(MarginSoftmaxHead):
     the norm of easy samples up, so that the norm measures quality.
 
     Per row, ``a = clamp(‖x‖, l_a, u_a)`` and ``m(a) = (u_m − l_m)/(u_a − l_a)·(a − l_a) + l_m``: an
-    ArcFace target ``cos(θ + m(a))`` (with the classic fall-back past π, ``theta_policy="threshold"``,
-    as the authors' code without ``easy_margin``). The loss is the softmax cross-entropy plus
+    ArcFace target ``cos(θ + m(a))``, kept at ``c`` on rows with ``c ≤ 0`` (``theta_policy="easy"``, as
+    the authors' released trainers run ``MagLinear(easy_margin=True)``; ``"threshold"`` is their
+    ``easy_margin=False`` branch). The loss is the softmax cross-entropy plus
     ``λ_g·mean g(a)`` with ``g(a) = a/u_a² + 1/a``, both with their gradient through ``a`` (the margin
     is a differentiable per-row tensor: the fused pass returns ``dL/dm`` from the label column).
     ``last_regularizer`` keeps the last batch's ``mean g(a)`` (detached). ``reduction`` applies to
@@ -494,7 +495,7 @@ class MagFace(MarginSoftmaxHead):
     """
 
     def __init__(self, in_features, out_features, *, l_a=10.0, u_a=110.0, l_margin=0.45, u_margin=0.8,
-                 lambda_g=35.0, scale=64.0, theta_policy="threshold", **kw):
+                 lambda_g=35.0, scale=64.0, theta_policy="easy", **kw):
         super().__init__(in_features, out_features, scale=scale, theta_policy=theta_policy, **kw)
         if not 0 < float(l_a) < float(u_a):
             raise ValueError(f"MagFace needs 0 < l_a < u_a (the norm range), got l_a={l_a}, u_a={u_a}")

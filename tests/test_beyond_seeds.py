@@ -129,31 +129,39 @@ def test_curricular_reference_is_the_authors_formula():
         _close(head.t, t, 1e-12)
 
 
-def _official_magface(x, W_t, label, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0, s=64.0):
-    """MagFace as IrvingMeng/MagFace's MagLinear + MagLoss compute it (no easy margin)."""
+def _official_magface(x, W_t, label, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0, s=64.0, easy=True):
+    """MagFace as IrvingMeng/MagFace's MagLinear (easy_margin: its default, what the released trainers
+    run; else the threshold branch) + MagLoss compute it."""
     x_norm = x.norm(dim=1, keepdim=True).clamp(l_a, u_a)
     ada = (u_m - l_m) / (u_a - l_a) * (x_norm - l_a) + l_m
     cos_m, sin_m = torch.cos(ada), torch.sin(ada)
     cos = (F.normalize(x) @ F.normalize(W_t, dim=0)).clamp(-1, 1)
     sin = torch.sqrt(1.0 - cos ** 2)
     cos_theta_m = cos * cos_m - sin * sin_m
-    mm = torch.sin(math.pi - ada) * ada
-    cos_theta_m = torch.where(cos > torch.cos(math.pi - ada), cos_theta_m, cos - mm)
+    if easy:
+        cos_theta_m = torch.where(cos > 0, cos_theta_m, cos)
+    else:
+        mm = torch.sin(math.pi - ada) * ada
+        cos_theta_m = torch.where(cos > torch.cos(math.pi - ada), cos_theta_m, cos - mm)
     onehot = torch.zeros_like(cos).scatter_(1, label.view(-1, 1), 1.0)
     logits = s * (onehot * cos_theta_m + (1 - onehot) * cos)
     g = (x_norm / u_a ** 2 + 1 / x_norm).mean()
     return F.cross_entropy(logits, label) + lambda_g * g
 
 
-def test_magface_reference_is_the_authors_formula():
+@pytest.mark.parametrize("policy", ["easy", "threshold"])
+def test_magface_reference_is_the_authors_formula(policy):
     """Loss and gradients, through the norm-dependent margin and the regulariser (norms spread across
-    [l_a, u_a] and beyond it, where the clamp stops the gradient)."""
+    [l_a, u_a] and beyond it, where the clamp stops the gradient); the default policy is the released
+    trainers' easy margin, "threshold" the other branch of the same code."""
     x, W, y = _data(3, scale_x=15.0, ignored=False)
+    x[20:] = -x[20:]  # rows with c_y <= 0 (where the policies differ)
     x.requires_grad_(True), W.requires_grad_(True)
-    head = fusedface.MagFace(D, C, backend="reference", dtype=torch.float64)
+    kw = {} if policy == "easy" else {"theta_policy": "threshold"}
+    head = fusedface.MagFace(D, C, backend="reference", dtype=torch.float64, **kw)
     with torch.no_grad():
         head.weight.copy_(W)
-    got, want = head(x, y), _official_magface(x, W.t(), y)
+    got, want = head(x, y), _official_magface(x, W.t(), y, easy=policy == "easy")
     _close(got, want, 1e-12)
     for a, b in zip(_grads(got, [x, head.weight]), _grads(want, [x, W])):
         _close(a, b, 1e-11)
@@ -298,7 +306,9 @@ def test_twenty_step_training_loss_falls(name, backend):
     data = torch.randn(128, 24)
     labels = torch.randint(0, 40, (128,))
     labels[::11] = -1
-    opt = torch.optim.SGD(list(head.parameters()) + list(backbone.parameters()), lr=0.1, momentum=0.9)
+    # (MagFace's regulariser grows the norms, and with them the margins: a smaller step)
+    lr = 0.03 if name == "magface" else 0.1
+    opt = torch.optim.SGD(list(head.parameters()) + list(backbone.parameters()), lr=lr, momentum=0.9)
     losses = []
     for _ in range(20):
         loss = head(backbone(data) * scale_x, labels)

@@ -143,9 +143,9 @@ def test_every_backend_module_implements_the_protocol():
     import inspect
 
     from fusedface import backends
-    protocol = {"margin_forward": ["x", "W", "xinv", "winv", "y", "f", "opts", "tile", "keep_block"],
+    protocol = {"margin_forward": ["x", "W", "xinv", "winv", "y", "f", "opts", "tile", "keep_block", "rt"],
                 "margin_backward": ["x", "W", "xinv", "winv", "y", "f", "lse", "gl", "dcy", "opts", "tile", "need_dx",
-                                    "need_dW", "block"],
+                                    "need_dW", "block", "rt"],
                 "npt_forward": ["x", "W", "xinv", "winv", "y", "k", "tile"]}
     loaded = [n for n in backends.FUSED if backends.load(n) is not None]
     assert "torch" in loaded

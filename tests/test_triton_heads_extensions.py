@@ -1,8 +1,8 @@
 """The heads of issue 16 on ``backend="triton"``: each equals its float64 reference within 1e-5 in
 fp32 (CUDA tensors where a GPU is, else CPU tensors under ``TRITON_INTERPRET=1``; skipped with the
-reason where Triton cannot run). fp32 does not take the Triton whole-step kernels (they cover fp16/bf16
-inputs of the seed family only): these heads run the engine's op with the Triton tile kernels. A head
-with 16-bit inputs outside the seed family takes the same route (``opts.seed_family``), checked below.
+reason where Triton cannot run). The Triton whole-step kernels cover the seed family only
+(``opts.seed_family``, no margin that requires grad): these heads run the engine's op with the Triton
+tile kernels, whatever the dtype; a bf16 head is checked below.
 """
 from __future__ import annotations
 
