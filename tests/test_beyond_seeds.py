@@ -382,3 +382,21 @@ def test_in_backward_sgd_equals_torch_optim(name, backend):
     finally:
         IB.SLICE_BYTES = old
     _close(fused.weight.detach(), ref.weight.detach(), 1e-10)
+
+
+@pytest.mark.parametrize("kw", [dict(negative="curricular", t=0.3, theta_policy="threshold", m2=0.5),
+                                dict(theta_policy="clip", m2=-0.1, m3=0.45), dict(interclass_threshold=0.1, m2=0.3),
+                                dict(subcenters=3, m2=0.5), dict(subcenters=2, negative="curricular", t=0.1,
+                                                                 interclass_threshold=0.2, m2=0.4)],
+                         ids=["curricular", "clip", "interclass", "subcenter", "all"])
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_gradcheck_x_and_w(kw, backend):
+    """float64 ``torch.autograd.gradcheck`` of the fused loss in ``x`` and ``W`` (away from the
+    switches: the filter threshold, the support-vector mask and sub-centre ties are piecewise)."""
+    g = torch.Generator().manual_seed(11)
+    K = kw.get("subcenters", 1)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    W = torch.randn(7 * K, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.tensor([0, 3, -1, 6, 2, 2])
+    fn = lambda a, b: F_.margin_softmax_loss(a, b, y, scale=4.0, backend=backend, tile_size=3, **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, W), eps=1e-7, atol=1e-6)
