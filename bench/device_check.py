@@ -36,12 +36,22 @@ Stages, in order (each records ``status`` "done", "skipped" with a ``reason``, "
    buffer after two steps against the same head stepped by ``torch.optim.SGD`` on its dense gradient
    (checks: max |diff| / max |W| <= 1e-5); at C = 1e6 mixed: ms per step (forward, backward,
    optimizer step) and peak memory beyond ``W`` and the state, in-backward against dense.
-5. ``graph_step``: C = 1e5 bf16: the eager step (grads set to None, forward, backward) against the
+5. ``extensions`` (issue 16): the options beyond the seed family on ``backend="triton"`` (the Triton
+   tile kernels; the whole-step kernels cover the seed family only) and on the native CUDA kernels
+   where they were built: CurricularFace's quadratic rewrite (t = 0.3), inter-class filtering (0.2),
+   3 sub-centres per class, and all three with AdaFace's clip policy; B = D = 512, C = 20,000, fp32
+   and bf16. Errors of loss, dL/dx and dL/dW against the float64 reference on the same inputs, and the
+   ``torch`` backend's (fp32 products) beside them. Checks: fp32 loss error <= 1e-5 and gradient errors
+   <= 5e-5 (the CPU interpreter measures up to 6e-6); bf16 errors <= 1.25×
+   the torch backend's. Then fwd + bwd ms at C = 1e5 bf16 of each option against ArcFace on the same
+   path (information: what the extensions cost).
+6. ``graph_step``: C = 1e5 bf16: the eager step (grads set to None, forward, backward) against the
    same step captured in a ``torch.cuda.CUDAGraph`` (warm-up on a side stream, grads None before
    capture so they live in the graph's pool) and replayed: ms per step from a loop of 50 steps
    between CUDA events (median of 5; do_bench numbers too), and the replayed results against the
    eager ones. Last of the GPU stages, as a failed capture can leave the CUDA context unusable.
-6. ``tests``: ``pytest -x -q tests/test_triton.py tests/test_optim_triton.py tests/test_gpu*.py`` (the files that exist) with
+7. ``tests``: ``pytest -x -q tests/test_triton.py tests/test_optim_triton.py tests/test_triton_extensions.py
+   tests/test_triton_heads_extensions.py tests/test_gpu*.py`` (the files that exist) with
    the rest of the budget as its timeout; skipped when under 60 s remain.
 
 Targets (printed as PASS / FAIL / SKIP lines before the tests stage and again at the end):
@@ -93,7 +103,7 @@ for _p in (BENCH_DIR, ROOT):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-STAGES = ("correctness", "timings", "launches", "optim", "graph_step", "tests")
+STAGES = ("correctness", "timings", "launches", "optim", "extensions", "graph_step", "tests")
 SCALE, M2 = 64.0, 0.5
 PATH_VAR, SPLIT_VAR = "FUSEDFACE_TRITON_PATH", "FUSEDFACE_TRITON_SPLIT_GRAD"
 # fusedface providers of the timings and the environment each runs under ("" = unset = default)
@@ -702,7 +712,83 @@ def stage_optim(ctx, st):
     res["in_backward_over_dense_ms"] = r_ib["ms_per_step"] / r_d["ms_per_step"]
 
 
-# ----------------------------------------------------------------------------- stage 5: CUDA graph
+# ----------------------------------------------------------------------------- stage 5: extensions
+
+EXTENSIONS = {  # issue 16's options beyond the seed family (SPEC §2 family + the kernels' extensions)
+    "curricular": dict(m2=0.5, theta_policy="threshold", negative="curricular", t=0.3),
+    "interclass": dict(m2=0.5, interclass_threshold=0.2),
+    "subcenters3": dict(m2=0.5, subcenters=3),
+    "all+clip": dict(m2=-0.05, m3=0.45, theta_policy="clip", negative="curricular", t=0.3,
+                     interclass_threshold=0.2, subcenters=3),
+}
+
+
+def _extension_inputs(ctx, C, dt, K, seed=3):
+    """``(x, W [C·K, D], y)``: every 37th row ignored, a third of the rows near a sub-centre of their
+    class (hard negatives and filtered columns appear)."""
+    import torch
+    x, _, y = ctx.inputs(C, "fp32", seed=seed)
+    g = torch.Generator(device=ctx.device).manual_seed(seed + 7)
+    W = torch.randn(C * K, ctx.D, device=ctx.device, generator=g)
+    n = x.shape[0] // 3
+    x[:n] = W[y[:n] * K] + 0.8 * x[:n] * W[:1].norm() / x[:n].norm(dim=1, keepdim=True)
+    y[::37] = -1
+    DT = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    return x.to(DT), W.to(DT), y
+
+
+def stage_extensions(ctx, st):
+    from fusedface import backends, functional as Fn, reference as R
+    native = backends.load("native")  # (None where fusedface._C was not built)
+    res = st["results"]
+    C = 300 if ctx.smoke else 20_000
+    providers = ["triton"] + (["native"] if ctx.cuda and native is not None and native.cuda_built() else [])
+    st["shape"] = dict(B=ctx.B, D=ctx.D, C=C, providers=providers)
+    for name, kw in EXTENSIONS.items():
+        K = kw.get("subcenters", 1)
+        for dt in ("fp32", "bf16"):
+            if ctx.report.remaining() < 25:
+                res[f"{name} {dt}"] = {"skipped": f"{ctx.report.remaining():.0f} s of the budget left"}
+                continue
+            x, W, y = _extension_inputs(ctx, C, dt, K)
+            truth = loss_and_grads(lambda a, b, c: R.margin_softmax_loss(a, b, c, **kw), x.double(), W.double(), y)
+            errs = {}
+            for prov in ["torch"] + providers:
+                got = loss_and_grads(lambda a, b, c: Fn.margin_softmax_loss(a, b, c, backend=prov, **kw), x, W, y)
+                errs[prov] = [_rel(g, t) for g, t in zip(got, truth)]
+            res[f"{name} {dt}"] = {p: dict(zip(("loss", "dx", "dW"), e)) for p, e in errs.items()}
+            for prov in providers:
+                e = errs[prov]
+                if dt == "fp32":
+                    ok = e[0] <= 1e-5 and max(e[1:]) <= 5e-5
+                    limit, detail = 5e-5, f"loss/dx/dW {e[0]:.2e}/{e[1]:.2e}/{e[2]:.2e} (limits 1e-5, 5e-5)"
+                else:
+                    base = [max(v, 1e-7) for v in errs["torch"]]
+                    ratio = max(a / b for a, b in zip(e, base))
+                    ok, limit, detail = ratio <= 1.25, 1.25, f"{ratio:.2f}× the torch backend's errors"
+                print(f"extensions {name:<11} {dt} {prov:<6}: {detail}", flush=True)
+                ctx.check("extensions", f"{name} {dt} {prov}", max(e), limit, ok, detail)
+            ctx.report.save()
+            _free(ctx)
+    if not ctx.cuda:
+        raise Skip("timings need a GPU (the smoke run checked the errors only)")
+    Ct = max(ctx.Cs[0], 100_000)
+    for name, kw in [("arcface", dict(m2=0.5))] + list(EXTENSIONS.items()):
+        if ctx.report.remaining() < 20:
+            break
+        x, W, y = _extension_inputs(ctx, Ct, "bf16", kw.get("subcenters", 1))
+        xl, Wl = x.detach().requires_grad_(True), W.detach().requires_grad_(True)
+
+        def step():
+            Fn.margin_softmax_loss(xl, Wl, y, backend="triton", **kw).backward()
+
+        res[f"{name} C={Ct} bf16 fwd+bwd ms"] = ctx.time_ms(step, grads=(xl, Wl))
+        print(f"extensions timing {name:<11} C={Ct} bf16: {res[f'{name} C={Ct} bf16 fwd+bwd ms']:.3f} ms", flush=True)
+        del xl, Wl, x, W
+        _free(ctx)
+
+
+# ----------------------------------------------------------------------------- stage 6: CUDA graph
 
 def stage_graph_step(ctx, st):
     if not ctx.cuda:
@@ -763,8 +849,8 @@ SUMMARY = re.compile(r"\b(passed|failed|errors?|skipped|deselected|xfailed|xpass
 
 
 def stage_tests(ctx, st):
-    files = [f for f in ["tests/test_triton.py", "tests/test_optim_triton.py",
-                         *sorted(glob.glob("tests/test_gpu*.py", root_dir=ROOT))]
+    files = [f for f in ["tests/test_triton.py", "tests/test_optim_triton.py", "tests/test_triton_extensions.py",
+                         "tests/test_triton_heads_extensions.py", *sorted(glob.glob("tests/test_gpu*.py", root_dir=ROOT))]
              if os.path.exists(os.path.join(ROOT, f))]
     if not files:
         raise Skip("no tests/test_triton.py or tests/test_gpu*.py in this checkout")
@@ -938,6 +1024,7 @@ def main(argv=None):
     run_stage(ctx, "timings", stage_timings, min_s=MIN_POINT_S + args.reserve_s)
     run_stage(ctx, "launches", stage_launches, min_s=10)
     run_stage(ctx, "optim", stage_optim, min_s=20)
+    run_stage(ctx, "extensions", stage_extensions, min_s=30)
     # last of the in-process GPU stages: a failed capture can leave the CUDA context unusable
     run_stage(ctx, "graph_step", stage_graph_step, min_s=15)
     print_targets(ctx)

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "device_check.py"
-STAGES = ("correctness", "timings", "launches", "optim", "graph_step", "tests")
+STAGES = ("correctness", "timings", "launches", "optim", "extensions", "graph_step", "tests")
 
 
 @pytest.fixture(scope="module")
