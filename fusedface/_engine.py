@@ -93,7 +93,8 @@ def target_transform(raw_y, opts: MarginOptions, m2, m3):
     Shared by the single-process prologue and the sharded one (``fusedface.distributed``).
 
     ``"clip"`` (AdaFace, Kim et al. 2022): ``c_y`` clamped to ``[−1 + ε, 1 − ε]`` and the angle
-    ``m1·θ + m2`` to ``[ε, π − ε]`` (ε = 1e-3), each clamp blocking the gradient where it acts."""
+    ``m1·θ + m2`` to ``[ε, π − ε]`` (ε = 1e-3), each clamp blocking the gradient where it acts under
+    ``"exact"`` (``straight_through`` passes 1 through both, as the reference)."""
     c_y, in_y, angle, inside = _target_angle(raw_y, opts, m2)
     f = torch.cos(angle) - m3
     slope = opts.m1 * torch.sin(angle) / torch.sqrt(torch.clamp(1.0 - c_y * c_y, min=EPS_SIN2))
@@ -109,7 +110,9 @@ def target_transform(raw_y, opts: MarginOptions, m2, m3):
         f = torch.where(easy, f, c_y)
         slope = torch.where(easy, slope, one)
     if opts.grad_mode == "straight_through":
-        slope = one
+        # dT/dc = 1 through every policy, the clip's clamp included (it is part of T); only the
+        # clamp of a raw cosine to [-1, 1] still blocks the gradient, as with every other cosine
+        return f, ((raw_y >= -1.0) & (raw_y <= 1.0)).to(slope.dtype)
     return f, slope * in_y.to(slope.dtype)
 
 
@@ -439,14 +442,15 @@ def _margin_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(pred, sv, lse, f, slope, xinv, winv, block)
 
 
-def _margin_grads(ctx, grad_rows):
+def _margin_grads(ctx, grad_rows, saved):
     """For margins that require grad, ``dL/dm2 = dℓ/df·dT/dm2`` and ``dL/dm3 = dℓ/df·dT/dm3`` per row,
     with ``dℓ/df = s·(p_y − 1)·gl`` from the label column (O(B·K·D): the target cosines are gathered
-    again, only when a margin asks for its gradient; before an in-backward update changes ``W``)."""
+    again, only when a margin asks for its gradient; before an in-backward update changes ``W``).
+    ``saved``: ``ctx.saved_tensors``."""
     need_m2, need_m3 = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     dm2 = dm3 = None
     if need_m2 or need_m3:
-        x, W, y, lse, f, slope, xinv, winv, block, m2, rt = ctx.saved_tensors
+        x, W, y, lse, f, slope, xinv, winv, block, m2, rt = saved
         opts = _margin_opts(*ctx.scalars[1:-1], *ctx.extensions)
         valid = y != opts.ignore_index
         gl = torch.where(valid, grad_rows.to(lse.dtype), torch.zeros_like(lse))
@@ -461,25 +465,27 @@ def _margin_grads(ctx, grad_rows):
 
 def _margin_backward(ctx, grad_rows, *_):
     need_dx, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    x, W, y, lse, f, slope, xinv, winv, block, _, rt = ctx.saved_tensors
-    dm2, dm3 = _margin_grads(ctx, grad_rows)
+    upd = None
+    if need_dW and ctx.optim_token:
+        # First, before W is read: a second backward, or a head used twice, is refused here by name
+        # (reading the saved tensors would raise autograd's version-counter error instead).
+        upd = _inbackward.begin(ctx.optim_token)
+        need_dW = upd is not None  # None: this backward does not ask for dL/dW (autograd.grad of x, …)
+    saved = ctx.saved_tensors
+    x, W, y, lse, f, slope, xinv, winv, block, _, rt = saved
+    dm2, dm3 = _margin_grads(ctx, grad_rows, saved)  # before the update below changes W
 
     def answer(dx, dW):
         return (dx, dW, None, dm2, dm3) + (None,) * (_MARGIN_INPUTS - 5)
 
+    if upd is not None:
+        backend, *options, tile = ctx.scalars
+        saved, block = _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, options[-1], rt)
+        dx, _ = margin_backward_grads(grad_rows, saved, _margin_opts(*options, *ctx.extensions),
+                                      backends.get(backend, x.device), tile, need_dx, False, block, upd=upd)
+        return answer(dx, None)
     if not (need_dx or need_dW):
         return answer(None, None)
-    if need_dW and ctx.optim_token:
-        upd = _inbackward.begin(ctx.optim_token)  # (first: a second backward is refused before W is read)
-        if upd is not None:
-            backend, *options, tile = ctx.scalars
-            saved, block = _backward_inputs(x, W, y, lse, f, slope, xinv, winv, block, options[-1], rt)
-            dx, _ = margin_backward_grads(grad_rows, saved, _margin_opts(*options, *ctx.extensions),
-                                          backends.get(backend, x.device), tile, need_dx, False, block, upd=upd)
-            return answer(dx, None)
-        need_dW = False  # this backward does not ask for dL/dW (autograd.grad of x, backward(inputs=...))
-        if not need_dx:
-            return answer(None, None)
     dx, dW = torch.ops.fusedface.margin_softmax_bwd(grad_rows, x, W, y, lse, f, slope, xinv, winv,
                                                     *ctx.scalars, int(need_dx), int(need_dW), block, rt,
                                                     *ctx.extensions)

@@ -260,6 +260,33 @@ def test_heads_fp32_and_eval_mode(backend):
             assert torch.equal(b, before[n]), n
 
 
+@pytest.mark.parametrize("grad_mode", ["exact", "straight_through"])
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_clip_at_clamped_target_cosines(grad_mode, backend):
+    """Rows whose target cosine lies beyond ±(1 − ε), where the clip's clamp acts: "exact" gives them
+    no target gradient, "straight_through" passes dT/dc = 1 through the clamp as the reference does
+    (a property-test counterexample: the engine once gated straight-through slopes by the clip)."""
+    x, W, y = _data(8, ignored=False)
+    x[:6] = W[y[:6]] * 3.0 + 1e-3 * x[:6]          # cos ≈ 1 − 1e-7: beyond 1 − ε
+    x[6:9] = -W[y[6:9]] * 2.0 + 1e-3 * x[6:9]      # cos ≈ −1: beyond −1 + ε
+    cy = F.cosine_similarity(x, W[y], dim=1)
+    assert bool((cy[:6] > 1 - 1e-3).all()) and bool((cy[6:9] < -1 + 1e-3).all())
+    out = []
+    for be in ("reference", backend):
+        xg, Wg = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        loss = F_.margin_softmax_loss(xg, Wg, y, scale=16.0, m2=0.4, theta_policy="clip", grad_mode=grad_mode,
+                                      backend=be)
+        out.append((loss,) + _grads(loss, [xg, Wg]))
+    for a, b in zip(out[1], out[0]):
+        _close(a, b, 1e-10)
+    # the two modes differ exactly on those rows' target gradient
+    other = "exact" if grad_mode == "straight_through" else "straight_through"
+    xg = x.clone().requires_grad_(True)
+    dx_other, = _grads(F_.margin_softmax_loss(xg, W, y, scale=16.0, m2=0.4, theta_policy="clip",
+                                              grad_mode=other, backend=backend), [xg])
+    assert float((dx_other[:9] - out[1][1][:9]).abs().max()) > 1e-6
+
+
 # ------------------------------------------------------------------------- 3. differentiable margins
 
 @pytest.mark.parametrize("policy", ["none", "threshold", "easy", "clip"])
