@@ -17,9 +17,12 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def row_margin(m, B: int, device, dtype) -> torch.Tensor:
-    """A margin (float or per-row tensor) as a detached per-row vector ``[B]`` in ``dtype``."""
+    """A margin (float or per-row tensor) as a detached per-row vector ``[B]`` in ``dtype``: always a
+    new tensor, never a view of ``m`` (the fused op saves it for the backward, and a running buffer
+    such as CurricularFace's ``t`` is updated in place by the next call)."""
     if isinstance(m, torch.Tensor):
-        return m.detach().to(device=device, dtype=dtype).expand(B).contiguous()
+        out = torch.empty((B,), dtype=dtype, device=device)
+        return out.copy_(m.detach().expand(B))
     return torch.full((B,), float(m), dtype=dtype, device=device)
 
 

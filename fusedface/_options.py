@@ -97,14 +97,20 @@ class MarginOptions:
     @property
     def filter_threshold(self) -> float:
         """The inter-class filtering threshold the kernels compare clamped cosines with: 2.0 (never
-        exceeded) when filtering is off."""
-        return 2.0 if self.interclass_threshold is None else self.interclass_threshold
+        exceeded) when filtering is off, or at 1.0 (no clamped cosine exceeds 1: nothing is filtered)."""
+        return 2.0 if not self.filters else self.interclass_threshold
+
+    @property
+    def filters(self) -> bool:
+        """Whether inter-class filtering can drop a negative: a threshold below 1 (the filter is strict,
+        ``c > threshold``, on cosines clamped to ``[-1, 1]``)."""
+        return self.interclass_threshold is not None and self.interclass_threshold < 1.0
 
     @property
     def seed_family(self) -> bool:
         """Whether these options stay inside the seed losses' family (what the Triton step covers):
         no clip policy, no quadratic rewrite, no inter-class filtering, one centre per class."""
-        return (self.theta_policy != "clip" and self.negative != "curricular" and self.interclass_threshold is None
+        return (self.theta_policy != "clip" and self.negative != "curricular" and not self.filters
                 and self.subcenters == 1)
 
 

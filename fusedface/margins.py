@@ -202,15 +202,19 @@ def adaface_update(batch_mean: torch.Tensor, batch_std: torch.Tensor, norms: tor
                    t_alpha: float, *, all_sum=None) -> None:
     """AdaFace's running statistics, in place: ``μ ← α·mean(n) + (1 − α)·μ``, ``σ ← α·std(n) + (1 − α)·σ``
     over the valid rows (unbiased std); μ keeps its value without valid rows, σ with fewer than two.
-    ``all_sum``: sums a tensor over the ranks of a sharded head whose rows differ per rank (None: one
-    process, or rows already global). No host synchronisation."""
-    w = valid.to(norms.dtype)
-    parts = torch.stack([w.sum(), (norms * w).sum()])
+    A row whose norm is not finite (a NaN embedding, an fp16 overflow that GradScaler will skip) counts
+    as ignored: one bad batch does not leave μ and σ NaN for the rest of training (its loss is NaN
+    anyway). ``all_sum``: sums a tensor over the ranks of a sharded head whose rows differ per rank
+    (None: one process, or rows already global). No host synchronisation."""
+    use = valid & torch.isfinite(norms)
+    w = use.to(norms.dtype)
+    zero = torch.zeros_like(norms)
+    parts = torch.stack([w.sum(), torch.where(use, norms, zero).sum()])
     if all_sum is not None:
         parts = all_sum(parts)
     k, total = parts[0], parts[1]
     mean = total / k.clamp(min=1.0)
-    sq = ((norms - mean) ** 2 * w).sum()
+    sq = torch.where(use, (norms - mean) ** 2, zero).sum()
     if all_sum is not None:
         sq = all_sum(sq)
     std = torch.sqrt(sq / (k - 1.0).clamp(min=1.0))
@@ -224,11 +228,14 @@ def adaface_margins(x: torch.Tensor, valid: torch.Tensor, batch_mean: torch.Tens
                     margin: float, h: float, t_alpha: float, update: bool, all_sum=None):
     """AdaFace's per-row ``(m2, m3)`` (Kim et al. 2022): with ``n`` the safe norms (:func:`adaface_norms`),
     after the running statistics' update (``update``: training mode), ``ẑ = clip(h·(n − μ)/(σ + ε), −1, 1)``,
-    ``m2 = −m·ẑ`` (angular) and ``m3 = m + m·ẑ`` (additive). No gradient (the norms are detached)."""
+    ``m2 = −m·ẑ`` (angular) and ``m3 = m + m·ẑ`` (additive). No gradient (the norms are detached).
+    Ignored rows and rows with a non-finite norm get ``ẑ = 0``: finite margins, so such a row is judged
+    by its embedding (NaN in, NaN out; or the finiteness check's error), not by its margin."""
     n = adaface_norms(x)
     if update:
         adaface_update(batch_mean, batch_std, n, valid, t_alpha, all_sum=all_sum)
     z = (h * (n - batch_mean.to(n.dtype)) / (batch_std.to(n.dtype) + ADAFACE_EPS)).clamp(-1.0, 1.0)
+    z = torch.where(valid & torch.isfinite(n), z, torch.zeros_like(z))
     return -margin * z, margin + margin * z
 
 
@@ -238,9 +245,11 @@ def adaface_margins(x: torch.Tensor, valid: torch.Tensor, batch_mean: torch.Tens
 def curricular_update(t: torch.Tensor, cos_y: torch.Tensor, valid: torch.Tensor, momentum: float, *,
                       all_sum=None) -> None:
     """CurricularFace's running ``t ← momentum·mean(c_y) + (1 − momentum)·t`` over the valid rows, in
-    place (unchanged without valid rows). ``all_sum`` as in :func:`adaface_update`."""
-    w = valid.to(cos_y.dtype)
-    parts = torch.stack([w.sum(), (cos_y.detach() * w).sum()])
+    place (unchanged without valid rows; a row with a non-finite cosine counts as ignored, as in
+    :func:`adaface_update`). ``all_sum`` as in :func:`adaface_update`."""
+    cos_y = cos_y.detach()
+    use = valid & torch.isfinite(cos_y)
+    parts = torch.stack([use.to(cos_y.dtype).sum(), torch.where(use, cos_y, torch.zeros_like(cos_y)).sum()])
     if all_sum is not None:
         parts = all_sum(parts)
     mean = parts[1] / parts[0].clamp(min=1.0)
@@ -258,8 +267,10 @@ def magface_norms(x: torch.Tensor, l_a: float, u_a: float) -> torch.Tensor:
 
 def magface_margins(a: torch.Tensor, l_a: float, u_a: float, l_margin: float, u_margin: float) -> torch.Tensor:
     """MagFace's margin ``m(a) = (u_m − l_m)/(u_a − l_a)·(a − l_a) + l_m`` (Meng et al. 2021), linear
-    and increasing in the clamped norm ``a``; differentiable."""
-    return (u_margin - l_margin) / (u_a - l_a) * (a - l_a) + l_margin
+    and increasing in the clamped norm ``a``; differentiable. A row whose norm is not finite gets
+    ``l_m`` (a finite margin: the row is judged by its embedding, NaN in, NaN out, not by its margin)."""
+    m = (u_margin - l_margin) / (u_a - l_a) * (a - l_a) + l_margin
+    return torch.where(torch.isfinite(a), m, torch.full_like(m, l_margin))
 
 
 def magface_regularizer(a: torch.Tensor, u_a: float) -> torch.Tensor:

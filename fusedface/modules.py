@@ -103,6 +103,11 @@ class MarginSoftmaxHead(_ClassCentres):
             return
         super().__setattr__(name, value)
 
+    _running_t = False  # whether t is a running buffer (CurricularFace), not options.t
+
+    def _margin_repr(self) -> str:
+        return f"m1={self.options.m1}, m2={self.m2}, m3={self.m3}"
+
     def row_margins(self, x: torch.Tensor, y: torch.Tensor):
         """``(m2, m3)`` for this batch: floats, or per-row tensors ``[B]``."""
         return self.m2, self.m3
@@ -126,10 +131,10 @@ class MarginSoftmaxHead(_ClassCentres):
 
     def extra_repr(self) -> str:
         o = self.options
-        s = (f"{super().extra_repr()}, scale={o.scale}, m1={o.m1}, m2={self.m2}, m3={self.m3}, "
+        s = (f"{super().extra_repr()}, scale={o.scale}, {self._margin_repr()}, "
              f"theta_policy={o.theta_policy!r}, grad_mode={o.grad_mode!r}")
         if o.negative != "none":
-            s += f", negative={o.negative!r}, t={o.t}"
+            s += f", negative={o.negative!r}" + ("" if self._running_t else f", t={o.t}")
         if o.interclass_threshold is not None:
             s += f", interclass_threshold={o.interclass_threshold}"
         if o.subcenters > 1:
@@ -414,7 +419,33 @@ def _statistics_dtype(dtype) -> torch.dtype:
     return torch.float64 if (dtype or torch.get_default_dtype()) == torch.float64 else torch.float32
 
 
-class AdaFace(MarginSoftmaxHead):
+class _RunningStatistics:
+    """Keeps a head's running scalar statistics (named in ``_statistics``) in fp32 or fp64 when the
+    module is cast to fp16 or bf16 (``head.half()``, ``head.to(torch.bfloat16)``): an EMA step of
+    weight 0.01 rounds back to the old value in a 16-bit buffer, so the statistic would stop moving.
+    Device moves and fp32/fp64 casts apply as usual."""
+
+    _statistics: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self._statistics}
+        out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = old.to(device=new.device)
+        return out
+
+
+def _no_fixed_margins(head: str, kw: dict, names=("m2", "m3")) -> None:
+    """A head whose margins are computed per row refuses fixed ones instead of ignoring them."""
+    for name in names:
+        if name in kw:
+            raise TypeError(f"{head} computes {name} itself (per row, from each batch); got {name}={kw[name]!r}. "
+                            f"Use fusedface.MarginSoftmaxHead for fixed margins")
+
+
+class AdaFace(_RunningStatistics, MarginSoftmaxHead):
     """AdaFace (Kim et al., CVPR 2022, "AdaFace: Quality Adaptive Margin for Face Recognition"): the
     margin adapts to image quality, read from the embedding norm ``‖x‖``.
 
@@ -431,6 +462,7 @@ class AdaFace(MarginSoftmaxHead):
 
     def __init__(self, in_features, out_features, *, margin=0.4, h=0.333, scale=64.0, t_alpha=0.01,
                  theta_policy="clip", device=None, dtype=None, **kw):
+        _no_fixed_margins("AdaFace", kw)
         super().__init__(in_features, out_features, scale=scale, theta_policy=theta_policy, device=device,
                          dtype=dtype, **kw)
         if not 0.0 <= float(t_alpha) <= 1.0:
@@ -441,6 +473,11 @@ class AdaFace(MarginSoftmaxHead):
         self.register_buffer("batch_mean", torch.full((), 20.0, device=device, dtype=stat))
         self.register_buffer("batch_std", torch.full((), 100.0, device=device, dtype=stat))
 
+    _statistics = ("batch_mean", "batch_std")
+
+    def _margin_repr(self) -> str:
+        return f"m1={self.options.m1}, m2=m3=per row"
+
     def row_margins(self, x, y):
         return M.adaface_margins(x, y != self.options.ignore_index, self.batch_mean, self.batch_std,
                                  margin=self.margin, h=self.h, t_alpha=self.t_alpha, update=self.training)
@@ -449,7 +486,7 @@ class AdaFace(MarginSoftmaxHead):
         return (f"{super().extra_repr()}, margin={self.margin}, h={self.h}, t_alpha={self.t_alpha}")
 
 
-class CurricularFace(MarginSoftmaxHead):
+class CurricularFace(_RunningStatistics, MarginSoftmaxHead):
     """CurricularFace (Huang et al., CVPR 2020, "CurricularFace: Adaptive Curriculum Learning Loss for
     Deep Face Recognition"): an ArcFace target (``m = 0.5``, the classic fall-back past π,
     ``theta_policy="threshold"``) and hard negatives (``c > f``) rewritten to ``c·(t + c)``, where ``t``
@@ -462,12 +499,16 @@ class CurricularFace(MarginSoftmaxHead):
 
     def __init__(self, in_features, out_features, *, margin=0.5, scale=64.0, momentum=0.01, theta_policy="threshold",
                  device=None, dtype=None, **kw):
+        _no_fixed_margins("CurricularFace", kw, ("t",))
         super().__init__(in_features, out_features, scale=scale, m2=margin, theta_policy=theta_policy,
                          negative="curricular", device=device, dtype=dtype, **kw)
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] (the weight of the new batch in t), got {momentum}")
         self.momentum = float(momentum)
         self.register_buffer("t", torch.zeros((), device=device, dtype=_statistics_dtype(dtype)))
+
+    _statistics = ("t",)
+    _running_t = True
 
     def row_rewrite(self, x, y):
         if self.training:
@@ -496,12 +537,16 @@ class MagFace(MarginSoftmaxHead):
 
     def __init__(self, in_features, out_features, *, l_a=10.0, u_a=110.0, l_margin=0.45, u_margin=0.8,
                  lambda_g=35.0, scale=64.0, theta_policy="easy", **kw):
+        _no_fixed_margins("MagFace", kw)
         super().__init__(in_features, out_features, scale=scale, theta_policy=theta_policy, **kw)
         if not 0 < float(l_a) < float(u_a):
             raise ValueError(f"MagFace needs 0 < l_a < u_a (the norm range), got l_a={l_a}, u_a={u_a}")
         self.l_a, self.u_a = float(l_a), float(u_a)
         self.l_margin, self.u_margin, self.lambda_g = float(l_margin), float(u_margin), float(lambda_g)
         self.last_regularizer: torch.Tensor | None = None
+
+    def _margin_repr(self) -> str:
+        return f"m1={self.options.m1}, m2=per row"
 
     def row_margins(self, x, y):
         a = M.magface_norms(x, self.l_a, self.u_a)
@@ -535,6 +580,11 @@ class SubCenterArcFace(MarginSoftmaxHead):
     """
 
     def __init__(self, in_features, out_features, *, k=3, margin=0.5, scale=64.0, **kw):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1 (sub-centres per class; weight then has out_features·k rows), "
+                             f"got k={k!r}")
+        if "subcenters" in kw:
+            raise TypeError("SubCenterArcFace takes the number of sub-centres as k=, not subcenters=")
         super().__init__(in_features, out_features, scale=scale, m2=margin, subcenters=k, **kw)
         self.k = self.options.subcenters
 

@@ -427,3 +427,107 @@ def test_gradcheck_x_and_w(kw, backend):
     y = torch.tensor([0, 3, -1, 6, 2, 2])
     fn = lambda a, b: F_.margin_softmax_loss(a, b, y, scale=4.0, backend=backend, tile_size=3, **kw)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, W), eps=1e-7, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- 6. running state, edge cases
+
+def _stat_heads(dtype=torch.float64):
+    return {"adaface": fusedface.AdaFace(D, C, dtype=dtype, backend="torch"),
+            "curricular": fusedface.CurricularFace(D, C, dtype=dtype, backend="torch")}
+
+
+def _state(head):
+    return {k: v.clone() for k, v in head.named_buffers()}
+
+
+@pytest.mark.parametrize("name", ["adaface", "curricular"])
+def test_running_statistics_skip_ignored_and_nonfinite_rows(name):
+    """A NaN embedding on an ignored row, or on a valid one (an fp16 overflow GradScaler will skip),
+    takes no part in AdaFace's μ, σ or CurricularFace's t: the state equals that of the same batch
+    without the row, and stays finite for the next steps."""
+    x, _, y = _data(9, ignored=False)
+    y[::5] = -1
+    clean = _stat_heads()[name]
+    full, bad_ignored, bad_valid = (copy.deepcopy(clean) for _ in range(3))
+    xi = x.clone()
+    xi[0] = float("nan")                       # row 0 is ignored (y[0] = -1)
+    assert torch.isfinite(bad_ignored(xi, y))  # an ignored row does not reach the loss through its margin
+    full(x, y)
+    keep = torch.ones(B, dtype=torch.bool)
+    keep[1] = False
+    xv = x.clone()
+    xv[1] = float("nan")                       # row 1 is valid
+    assert torch.isnan(bad_valid(xv, y))       # NaN in, NaN out
+    clean(x[keep], y[keep])
+    for head, ref in ((bad_ignored, full), (bad_valid, clean)):
+        for k, v in _state(head).items():
+            assert torch.isfinite(v).all(), k
+            torch.testing.assert_close(v, _state(ref)[k], rtol=1e-12, atol=0)
+    assert any(not torch.equal(v, _state(full)[k]) for k, v in _state(clean).items())  # the row did count
+
+
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
+def test_running_statistics_stay_fp32_when_the_head_is_cast(cast):
+    """``head.to(bf16)`` keeps μ, σ and t in fp32, where an EMA step of weight 0.01 still moves them;
+    a cast to fp64 follows the head."""
+    for name, ref in _stat_heads(torch.float32).items():
+        names = ("batch_mean", "batch_std") if name == "adaface" else ("t",)
+        head = copy.deepcopy(ref)
+        before = {n: getattr(head, n).clone() for n in names}
+        head.to(cast)
+        ref.weight.data.copy_(head.weight.float())
+        assert head.weight.dtype == cast
+        for n in names:
+            assert getattr(head, n).dtype == torch.float32, (name, n)
+            assert torch.equal(getattr(head, n), before[n])  # the value is not rounded through the cast
+        x, _, y = _data(10, ignored=False, dtype=torch.float32)
+        x = x.to(cast) * 20
+        for _ in range(200):
+            head(x, y)
+        for _ in range(200):
+            ref(x.float(), y)
+        for n in names:  # the bf16 batch's own statistics differ from fp32 only by the rounding of x
+            torch.testing.assert_close(getattr(head, n), getattr(ref, n), rtol=2e-2, atol=2e-3)
+        head.double()
+        assert all(getattr(head, n).dtype == torch.float64 for n in names)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_curricular_batch_of_one_twice_before_backward(backend):
+    """Two training calls of a one-row batch before one backward: the op keeps its own copy of ``t``
+    (the second call updates the buffer in place)."""
+    head = fusedface.CurricularFace(D, C, dtype=torch.float64, backend=backend)
+    x, _, y = _data(11, ignored=False)
+    xg = x[:1].clone().requires_grad_(True)
+    loss = head(xg, y[:1]) + head(xg, y[:1])
+    loss.backward()
+    assert torch.isfinite(xg.grad).all()
+
+
+def test_heads_refuse_what_they_compute_themselves():
+    for cls, kw, name in [(fusedface.AdaFace, {"m2": 0.3}, "m2"), (fusedface.AdaFace, {"m3": 0.1}, "m3"),
+                          (fusedface.MagFace, {"m2": 0.5}, "m2"), (fusedface.MagFace, {"m3": 0.5}, "m3"),
+                          (fusedface.CurricularFace, {"t": 0.2}, "t")]:
+        with pytest.raises(TypeError, match=f"computes {name} itself"):
+            cls(D, C, **kw)
+    for k in (0, 2.0, True):
+        with pytest.raises(ValueError, match="k must be an int >= 1"):
+            fusedface.SubCenterArcFace(D, C, k=k)
+    assert "m2=m3=per row" in repr(fusedface.AdaFace(D, C))
+    assert "m2=per row" in repr(fusedface.MagFace(D, C))
+    r = repr(fusedface.CurricularFace(D, C))
+    assert "negative='curricular'" in r and "t=" not in r.replace("momentum", "")
+
+
+def test_interclass_threshold_one_filters_nothing():
+    """The filter is strict on cosines clamped to [-1, 1]: a threshold of 1 drops nothing, and keeps
+    the options in the seed family (the Triton step), with the loss of no filtering."""
+    from fusedface._options import MarginOptions
+    assert MarginOptions(interclass_threshold=1.0).seed_family
+    assert not MarginOptions(interclass_threshold=0.999).seed_family
+    x, W, y = _data(12)
+    x[:5] = W[y[:5]]  # cosines of exactly 1 on the label column, and duplicates make more 1s likely
+    for be in ("reference", "torch"):
+        a = F_.margin_softmax_loss(x, W, y, m2=0.5, interclass_threshold=1.0, backend=be)
+        b = F_.margin_softmax_loss(x, W, y, m2=0.5, backend=be)
+        assert torch.equal(a, b)

@@ -230,7 +230,7 @@ HEAD_CTOR_BAD = [
     pytest.param(lambda: ff.AdaFace(4, 4, t_alpha=2.0), ValueError, "t_alpha must be in", id="adaface-alpha"),
     pytest.param(lambda: ff.CurricularFace(4, 4, momentum=-1), ValueError, "momentum must be in", id="curricular-momentum"),
     pytest.param(lambda: ff.MagFace(4, 4, l_a=50, u_a=10), ValueError, "0 < l_a < u_a", id="magface-range"),
-    pytest.param(lambda: ff.SubCenterArcFace(4, 4, k=0), ValueError, "subcenters must be an int >= 1", id="subcenter-k"),
+    pytest.param(lambda: ff.SubCenterArcFace(4, 4, k=0), ValueError, "k must be an int >= 1", id="subcenter-k"),
     pytest.param(lambda: ff.CosFace(4, 4, scale=0), ValueError, "scale must be > 0", id="scale"),
     pytest.param(lambda: ff.CombinedMargin(4, 4, grad_mode="st"), ValueError, "grad_mode='st'", id="grad-mode"),
     pytest.param(lambda: ff.SVSoftmax(4, 4, t=0.9), ValueError, "t must be >= 1", id="sv-t"),
