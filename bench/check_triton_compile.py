@@ -158,6 +158,9 @@ def _step_variants():
                                                                W_CAST=int(wdt != dt), UPCAST=0, wdt=wdt)))
             out.append((arch, "step_dx", small, dt, dict(PER_ROW=0, GX_GIVEN=0, W_CAST=int(wdt != dt), UPCAST=0,
                                                          wdt=wdt)))
+        # AdaFace's clip policy (POLICY 3) in the step's prologue, with its per-row margins
+        out.append((arch, "step_prologue", small, "bf16", dict(M2_VEC=1, M3_VEC=1, POLICY=3, STRAIGHT=0, W_CAST=0,
+                                                               UPCAST=0, wdt="bf16", tag="clip")))
         out.append((arch, "step_merge", small, "fp32", dict(NEED_DX=1, wdt="fp32")))
         out.append((arch, "step_reduce", LaunchConfig(1024, 0, 0, 0), "fp32", dict(MEAN=1, wdt="fp32")))
         out.append((arch, "hybrid_fwd", TS.EPI, "fp32", dict(NEGATIVE=1, COUNT_SV=1, wdt="fp32")))

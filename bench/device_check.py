@@ -37,9 +37,9 @@ Stages, in order (each records ``status`` "done", "skipped" with a ``reason``, "
    (checks: max |diff| / max |W| <= 1e-5); at C = 1e6 mixed: ms per step (forward, backward,
    optimizer step) and peak memory beyond ``W`` and the state, in-backward against dense.
 5. ``extensions`` (issue 16): the options beyond the seed family on ``backend="triton"`` (the Triton
-   tile kernels; the whole-step kernels cover the seed family only) and on the native CUDA kernels
-   where they were built: CurricularFace's quadratic rewrite (t = 0.3), inter-class filtering (0.2),
-   3 sub-centres per class, and all three with AdaFace's clip policy; B = D = 512, C = 20,000, fp32
+   tile kernels; AdaFace's clip policy alone runs the whole-step kernels) and on the native CUDA
+   kernels where they were built: CurricularFace's quadratic rewrite (t = 0.3), inter-class filtering
+   (0.2), the clip policy, 3 sub-centres per class, and all of them together; B = D = 512, C = 20,000, fp32
    and bf16. Errors of loss, dL/dx and dL/dW against the float64 reference on the same inputs, and the
    ``torch`` backend's (fp32 products) beside them. Checks: fp32 loss error <= 1e-5 and gradient errors
    <= 5e-5 (the CPU interpreter measures up to 6e-6); bf16 errors <= 1.25×
@@ -717,6 +717,7 @@ def stage_optim(ctx, st):
 EXTENSIONS = {  # issue 16's options beyond the seed family (SPEC §2 family + the kernels' extensions)
     "curricular": dict(m2=0.5, theta_policy="threshold", negative="curricular", t=0.3),
     "interclass": dict(m2=0.5, interclass_threshold=0.2),
+    "clip": dict(m2=-0.05, m3=0.45, theta_policy="clip"),  # AdaFace's policy alone: the whole-step kernels
     "subcenters3": dict(m2=0.5, subcenters=3),
     "all+clip": dict(m2=-0.05, m3=0.45, theta_policy="clip", negative="curricular", t=0.3,
                      interclass_threshold=0.2, subcenters=3),

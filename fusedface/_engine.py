@@ -595,7 +595,7 @@ def margin_softmax(x, W, y, opts: MarginOptions, m2, m3, backend: str, tile: int
         raise ValueError("backend='reference' is the materialised oracle; fusedface.reference computes it")
     token = in_backward_token(W)
     margin_grads = any(isinstance(m, torch.Tensor) and m.requires_grad and torch.is_grad_enabled() for m in (m2, m3))
-    if (module is not None and not keep_block and hasattr(module, "margin_step") and opts.seed_family
+    if (module is not None and not keep_block and hasattr(module, "margin_step") and _step_covers(module, opts)
             and not margin_grads and module.step_applies(x, W)
             and (not token or getattr(module, "STEP_IN_BACKWARD", False))):
         return module.margin_step(x, W, y, opts, m2, m3, want_stats, **({"optim_token": token} if token else {}))
@@ -606,6 +606,13 @@ def margin_softmax(x, W, y, opts: MarginOptions, m2, m3, backend: str, tile: int
         opts.theta_policy, opts.negative, opts.t, opts.grad_mode, opts.ignore_index, tile, keep_block, token,
         row_t(rt, opts, B, x.device, cdt), opts.filter_threshold, opts.subcenters)
     return reduce_rows(rows, y != opts.ignore_index, opts.reduction), pred, sv
+
+
+def _step_covers(module, opts: MarginOptions) -> bool:
+    """Whether a backend's whole step takes these options: its ``step_covers(opts)`` where it has one,
+    else the seed family."""
+    covers = getattr(module, "step_covers", None)
+    return covers(opts) if covers is not None else opts.seed_family
 
 
 def margin_vector(m, B: int, device, dtype) -> torch.Tensor:

@@ -66,6 +66,7 @@ from .margin_softmax import _dot_pv, _pscale, _round, _scaled_dot, _split_tiles
 
 LOG2E = tl.constexpr(1.4426950408889634)  # logits are kept in log2 units: exp(z) = exp2(z·log2 e)
 LN2 = tl.constexpr(0.6931471805599453)
+CLIP_EPS = tl.constexpr(1e-3)  # theta_policy="clip" (AdaFace): fusedface._engine.CLIP_EPS
 
 
 @triton.jit
@@ -373,9 +374,11 @@ def step_prologue_kernel(
 ):
     """O(B·D) prologue, one program per ``BLOCK_R`` rows: ``xinv = 1/max(‖x‖, ε)``, the raw target
     cosine from the gathered (rounded) ``W[y]`` row, and the target transform of SPEC §2:
-    ``f = cos(m1·θ + m2) − m3`` (``POLICY`` 1: ``c − m2·sin(m2) − m3`` past π; 2: ``c`` when ``c ≤ 0``),
+    ``f = cos(m1·θ + m2) − m3`` (``POLICY`` 1: ``c − m2·sin(m2) − m3`` past π; 2: ``c`` when ``c ≤ 0``;
+    3, AdaFace's clip: ``c`` clamped to ``±(1 − ε)`` and the angle to ``[ε, π − ε]``, ε = 1e-3),
     its slope ``m1·sin(m1·θ + m2)/sin θ`` (1 under the policies' fallbacks and ``STRAIGHT``; 0 where the
-    raw cosine left [-1, 1]). ``m2``/``m3`` are per-row tensors (``M2_VEC``/``M3_VEC``) or scalars."""
+    raw cosine left [-1, 1], and under ``POLICY`` 3 without ``STRAIGHT`` where either clip acts).
+    ``m2``/``m3`` are per-row tensors (``M2_VEC``/``M3_VEC``) or scalars."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < B
@@ -407,11 +410,21 @@ def step_prologue_kernel(
     else:
         m3 = tl.zeros([BLOCK_R], dtype=tl.float32) + m3_val
     inside = (raw >= -1.0) & (raw <= 1.0)
-    c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
+    if POLICY == 3:  # "clip" (AdaFace): the same eps as fusedface._engine.CLIP_EPS
+        lim = 1.0 - CLIP_EPS
+        clipped = (raw < -lim) | (raw > lim)
+        c = tl.minimum(tl.maximum(raw, -lim), lim)
+    else:
+        c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
     angle = m1 * _acos(c) + m2
+    if POLICY == 3:
+        clipped = clipped | (angle < CLIP_EPS) | (angle > 3.141592653589793 - CLIP_EPS)
+        angle = tl.minimum(tl.maximum(angle, CLIP_EPS), 3.141592653589793 - CLIP_EPS)
     sin_a, cos_a = _sincos(angle)
     f = cos_a - m3
     slope = m1 * sin_a / tl.sqrt(tl.maximum(1.0 - c * c, 1e-12))
+    if POLICY == 3:
+        slope = tl.where(clipped, 0.0, slope)
     if POLICY == 1:  # "threshold"
         past = angle > 3.141592653589793
         sin_m2, _ = _sincos(m2)

@@ -246,7 +246,7 @@ def _launch(kernel, grid, *args, **kw):
 # forward
 # ----------------------------------------------------------------------------------------------
 
-POLICIES = {"none": 0, "threshold": 1, "easy": 2}
+POLICIES = {"none": 0, "threshold": 1, "easy": 2, "clip": 3}
 
 
 def _prologue(x, W, y, m2, m3, m2f, m3f, m1, theta_policy, grad_mode, ignore_index, fl):
@@ -656,6 +656,13 @@ def _per_row(m, B: int):
 step_applies = applies  # the protocol's name: whether margin_step runs this call
 
 
+def step_covers(opts) -> bool:
+    """Whether the whole-step kernels take these options: the seed family and AdaFace's
+    ``theta_policy="clip"`` (a prologue variant, ``POLICY`` 3). The curricular rewrite, inter-class
+    filtering and sub-centres take the engine's op with the tile kernels."""
+    return opts.negative != "curricular" and not opts.filters and opts.subcenters == 1
+
+
 def margin_step(x, W, y, opts, m2, m3, want_stats: bool, optim_token: int = 0):
     """The protocol's whole step, called by the engine for ``backend="triton"`` where it applies
     (``functional.margin_softmax_loss`` and the heads): ``(loss, pred, sv)``, the loss reduced by
@@ -674,6 +681,6 @@ def margin_step(x, W, y, opts, m2, m3, want_stats: bool, optim_token: int = 0):
     return out[0], out[1], out[2]
 
 
-__all__ = ["name", "supports_device", "margin_forward", "margin_backward", "npt_forward", "step_applies",
+__all__ = ["name", "supports_device", "margin_forward", "margin_backward", "npt_forward", "step_applies", "step_covers",
            "margin_step", "applies", "choose_path", "step_forward", "step_backward", "override", "OPS",
            "STEP_CONFIGS"]
