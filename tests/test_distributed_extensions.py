@@ -444,6 +444,16 @@ def test_guard_admits_the_new_heads_and_refuses_other_hooks():
         FD.ShardedHead(D, C, head_class=OwnT)
     with pytest.raises(TypeError, match="overrides row_margins"):
         FD.ShardedHead(D, C, head_class=OwnAda)
+
+    class OwnRegulariser(ff.MagFace):
+        def forward(self, embeddings, labels):
+            return super().forward(embeddings, labels) * 2
+
+    with pytest.raises(TypeError, match="overrides forward"):
+        FD.ShardedHead(D, C, head_class=OwnRegulariser)
+    for cls in (FD.ShardedAdaFace, FD.ShardedCurricularFace, FD.ShardedMagFace, FD.ShardedSubCenterArcFace):
+        with pytest.raises(ValueError, match="2-D"):  # the input checks come before the norms
+            cls(D, C)(torch.randn(D, dtype=torch.float64), torch.tensor([0]))
     head = FD.ShardedSubCenterArcFace(D, C, k=K)
     assert tuple(head.weight.shape) == (C * K, D)
     x, y = _batch(0)

@@ -45,7 +45,7 @@ runs on the ranks that own the selected columns and the label column.
 
 Partial FC (``sample_rate``) keeps, on each rank, every class of its shard that is a label in the
 global batch plus random others up to ``sample_rate·C_local``, runs the same pass on
-``W_shard[index]`` (an autograd ``index_select``: the gradient lands in the full shard's ``.grad``,
+``W_shard[index]`` (with K sub-centres: rows ``index·K + k``; an autograd ``index_select``: the gradient lands in the full shard's ``.grad``,
 so any optimiser works) with the labels remapped into the sample. An in-backward optimizer updates
 the shard's rows ``index`` from the sample's gradient slices (``sparse=True``: only those rows and
 their state change, each with its own step count; ``sparse=False``: the other rows then get the

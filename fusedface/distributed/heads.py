@@ -13,7 +13,7 @@
                    all-reduces per step
 
 The head holds a single-process head of the same class over its own classes as ``self.head``
-(``head.weight [C_local, D]``, KappaFace's per-class statistics), so its options, defaults and
+(``head.weight [C_local·K, D]``, K sub-centres per class, 1 but for sub-center ArcFace; KappaFace's per-class statistics), so its options, defaults and
 buffers are those of the single-process head. ``forward(embeddings, labels)`` takes this rank's
 rows and returns the loss of the global batch, the same on every rank. Every rank must call
 ``forward`` and ``backward`` in the same order (they run collectives).
@@ -52,8 +52,11 @@ __all__ = [
 ]
 
 # the per-row hooks of the single-process heads that read W[y] or the whole batch on one process, and the
-# families whose own hook the sharded head replaces by its global-batch equivalent (ShardedHead.forward)
-_SHARDED_HOOKS = {"row_margins": (_Elastic, KappaFace, AdaFace, MagFace), "row_rewrite": (CurricularFace,)}
+# families whose own hook the sharded head replaces by its global-batch equivalent (ShardedHead.forward);
+# "forward": the families whose extra terms (KappaFace's statistics, OTFace's transport term, MagFace's
+# regulariser) ShardedHead.forward re-implements: a subclass's own forward would be silently skipped
+_SHARDED_HOOKS = {"row_margins": (_Elastic, KappaFace, AdaFace, MagFace), "row_rewrite": (CurricularFace,),
+                  "forward": (KappaFace, OTFace, MagFace)}
 
 
 def _unshardable_hook(head_class) -> str | None:
@@ -104,6 +107,10 @@ class ShardedHead(nn.Module):
         else:
             hook = _unshardable_hook(head_class)
             if hook is not None:
+                if hook == "forward":
+                    raise TypeError(f"{head_class.__name__} overrides forward, which the sharded head does not call "
+                                    "(it runs its family's loss over the global batch): add the extra term to the "
+                                    "sharded head's loss instead, or call fusedface.distributed.margin_softmax_loss")
                 raise TypeError(f"{head_class.__name__} overrides {hook}, which needs W[y] on one rank: "
                                 "it cannot be sharded as is; compute the per-row margins (and t) of the global batch "
                                 "and call fusedface.distributed.margin_softmax_loss(..., m2=..., m3=..., rt=...)")
@@ -193,6 +200,7 @@ class ShardedHead(nn.Module):
         elif isinstance(h, MagFace):
             # each rank's margins and regulariser from its own rows' norms, with their gradient: the
             # prologue shares the values, the pass returns dL/dm2 and dL/dg of this rank's rows
+            check_local_batch(embeddings, labels, h.weight)  # (before the norms: a bad shape gets its message)
             a = M.magface_norms(scale_grad(embeddings, self.embedding_grad_scale), h.l_a, h.u_a)
             local["m2_local"] = M.magface_margins(a, h.l_a, h.u_a, h.l_margin, h.u_margin)
             local["term_local"] = M.magface_regularizer(a, h.u_a)
