@@ -258,7 +258,26 @@ class ElasticCosFace(_Elastic):
                          generator=generator, **kw)
 
 
-class KappaFace(MarginSoftmaxHead):
+class _RunningStatistics:
+    """Keeps a head's running statistics (the buffers named in ``_statistics``) in the dtype they were
+    built with when the module is cast to fp16 or bf16 (``head.half()``, ``head.to(torch.bfloat16)``):
+    an EMA step of weight 0.01 rounds back to the old value in a 16-bit buffer, so the statistic would
+    stop moving, and an epoch's sum of unit vectors loses its small terms. Device moves and fp32/fp64
+    casts apply as usual."""
+
+    _statistics: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self._statistics}
+        out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = old.to(device=new.device)
+        return out
+
+
+class KappaFace(_RunningStatistics, MarginSoftmaxHead):
     """KappaFace (Oinar et al. 2022): an ArcFace head whose margin is per class, from the vMF
     concentration κ of each class's embeddings and the class's sample count.
 
@@ -284,6 +303,9 @@ class KappaFace(MarginSoftmaxHead):
         self.register_buffer("class_counts", torch.zeros(out_features, device=device, dtype=torch.long))
         self.register_buffer("class_kappa", torch.zeros(out_features, device=device, dtype=per_class))
         self.register_buffer("epochs_seen", torch.zeros((), device=device, dtype=torch.long))
+
+    # κ, the margins and the running sum keep their dtype (stats_dtype included) when the head is cast to 16 bits
+    _statistics = ("class_margins", "resultant_sum", "class_kappa")
 
     @torch.no_grad()
     def update_statistics(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -417,24 +439,6 @@ class OTFace(MarginSoftmaxHead):
 def _statistics_dtype(dtype) -> torch.dtype:
     """Running statistics in fp64 for an fp64 head, else fp32 (as the authors' buffers)."""
     return torch.float64 if (dtype or torch.get_default_dtype()) == torch.float64 else torch.float32
-
-
-class _RunningStatistics:
-    """Keeps a head's running scalar statistics (named in ``_statistics``) in fp32 or fp64 when the
-    module is cast to fp16 or bf16 (``head.half()``, ``head.to(torch.bfloat16)``): an EMA step of
-    weight 0.01 rounds back to the old value in a 16-bit buffer, so the statistic would stop moving.
-    Device moves and fp32/fp64 casts apply as usual."""
-
-    _statistics: tuple[str, ...] = ()
-
-    def _apply(self, fn, recurse=True):
-        kept = {name: self._buffers[name] for name in self._statistics}
-        out = super()._apply(fn, recurse)
-        for name, old in kept.items():
-            new = self._buffers[name]
-            if new.dtype in (torch.float16, torch.bfloat16):
-                self._buffers[name] = old.to(device=new.device)
-        return out
 
 
 def _no_fixed_margins(head: str, kw: dict, names=("m2", "m3")) -> None:

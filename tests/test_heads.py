@@ -155,6 +155,32 @@ def test_kappaface_low_precision_statistics_buffer():
     assert torch.isfinite(h.class_margins).all()
 
 
+@pytest.mark.parametrize("cast", [torch.float16, torch.bfloat16])
+def test_kappaface_statistics_keep_their_dtype_when_the_head_is_cast(cast):
+    """``head.half()`` / ``.to(bf16)`` leaves κ, the margins and the epoch's running sum in the dtype
+    they were built with (fp32, or the chosen stats_dtype): a 16-bit sum of a few hundred unit vectors
+    per class would lose its small terms. The margins after an epoch equal an fp32 head's on the
+    same (16-bit) inputs."""
+    torch.manual_seed(0)
+    ref = ff.KappaFace(16, 4)
+    head = ff.KappaFace(16, 4)
+    head.load_state_dict(ref.state_dict())
+    head.to(cast)
+    assert head.weight.dtype == cast
+    for name in ("class_margins", "resultant_sum", "class_kappa"):
+        assert getattr(head, name).dtype == torch.float32, name
+    x = (torch.randn(4, 16)[torch.arange(4).repeat(200)] + 0.6 * torch.randn(800, 16)).to(cast)
+    y = torch.arange(4).repeat(200)
+    for lo in range(0, 800, 100):
+        head(x[lo:lo + 100], y[lo:lo + 100])
+        ref(x[lo:lo + 100].float(), y[lo:lo + 100])
+    head.end_epoch()
+    ref.end_epoch()
+    torch.testing.assert_close(head.class_margins, ref.class_margins, rtol=1e-5, atol=1e-6)
+    chosen = ff.KappaFace(16, 4, stats_dtype=torch.bfloat16).half()
+    assert chosen.resultant_sum.dtype == torch.bfloat16  # a deliberate stats_dtype is kept too
+
+
 def test_elastic_generator_reproducible_and_in_state_dict():
     def run(seed):
         h = ff.ElasticArcFace(8, 10, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
