@@ -197,6 +197,12 @@ def adaface_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.detach(), dim=1, dtype=dt).clamp(0.001, 100.0)
 
 
+def _counted(valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The rows a running statistic takes in: not ignored, and a finite value (a NaN embedding, or an
+    fp16 overflow in a step GradScaler skips, would otherwise leave the statistic NaN for good)."""
+    return valid & torch.isfinite(values)
+
+
 @torch.no_grad()
 def adaface_update(batch_mean: torch.Tensor, batch_std: torch.Tensor, norms: torch.Tensor, valid: torch.Tensor,
                    t_alpha: float, *, all_sum=None) -> None:
@@ -206,7 +212,7 @@ def adaface_update(batch_mean: torch.Tensor, batch_std: torch.Tensor, norms: tor
     as ignored: one bad batch does not leave μ and σ NaN for the rest of training (its loss is NaN
     anyway). ``all_sum``: sums a tensor over the ranks of a sharded head whose rows differ per rank
     (None: one process, or rows already global). No host synchronisation."""
-    use = valid & torch.isfinite(norms)
+    use = _counted(valid, norms)
     w = use.to(norms.dtype)
     zero = torch.zeros_like(norms)
     parts = torch.stack([w.sum(), torch.where(use, norms, zero).sum()])
@@ -235,7 +241,7 @@ def adaface_margins(x: torch.Tensor, valid: torch.Tensor, batch_mean: torch.Tens
     if update:
         adaface_update(batch_mean, batch_std, n, valid, t_alpha, all_sum=all_sum)
     z = (h * (n - batch_mean.to(n.dtype)) / (batch_std.to(n.dtype) + ADAFACE_EPS)).clamp(-1.0, 1.0)
-    z = torch.where(valid & torch.isfinite(n), z, torch.zeros_like(z))
+    z = torch.where(_counted(valid, n), z, torch.zeros_like(z))
     return -margin * z, margin + margin * z
 
 
@@ -248,7 +254,7 @@ def curricular_update(t: torch.Tensor, cos_y: torch.Tensor, valid: torch.Tensor,
     place (unchanged without valid rows; a row with a non-finite cosine counts as ignored, as in
     :func:`adaface_update`). ``all_sum`` as in :func:`adaface_update`."""
     cos_y = cos_y.detach()
-    use = valid & torch.isfinite(cos_y)
+    use = _counted(valid, cos_y)
     parts = torch.stack([use.to(cos_y.dtype).sum(), torch.where(use, cos_y, torch.zeros_like(cos_y)).sum()])
     if all_sum is not None:
         parts = all_sum(parts)

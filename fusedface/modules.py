@@ -103,8 +103,6 @@ class MarginSoftmaxHead(_ClassCentres):
             return
         super().__setattr__(name, value)
 
-    _running_t = False  # whether t is a running buffer (CurricularFace), not options.t
-
     def _margin_repr(self) -> str:
         return f"m1={self.options.m1}, m2={self.m2}, m3={self.m3}"
 
@@ -134,7 +132,7 @@ class MarginSoftmaxHead(_ClassCentres):
         s = (f"{super().extra_repr()}, scale={o.scale}, {self._margin_repr()}, "
              f"theta_policy={o.theta_policy!r}, grad_mode={o.grad_mode!r}")
         if o.negative != "none":
-            s += f", negative={o.negative!r}" + ("" if self._running_t else f", t={o.t}")
+            s += f", negative={o.negative!r}" + ("" if "t" in self._buffers else f", t={o.t}")  # a running t: a buffer
         if o.interclass_threshold is not None:
             s += f", interclass_threshold={o.interclass_threshold}"
         if o.subcenters > 1:
@@ -442,11 +440,12 @@ def _statistics_dtype(dtype) -> torch.dtype:
 
 
 def _no_fixed_margins(head: str, kw: dict, names=("m2", "m3")) -> None:
-    """A head whose margins are computed per row refuses fixed ones instead of ignoring them."""
+    """A head that computes these options from each batch (margins, CurricularFace's ``t``) refuses fixed
+    values instead of ignoring them."""
     for name in names:
         if name in kw:
-            raise TypeError(f"{head} computes {name} itself (per row, from each batch); got {name}={kw[name]!r}. "
-                            f"Use fusedface.MarginSoftmaxHead for fixed margins")
+            raise TypeError(f"{head} computes {name} itself, from each batch; got {name}={kw[name]!r}. "
+                            f"Use fusedface.MarginSoftmaxHead for fixed values")
 
 
 class AdaFace(_RunningStatistics, MarginSoftmaxHead):
@@ -512,7 +511,6 @@ class CurricularFace(_RunningStatistics, MarginSoftmaxHead):
         self.register_buffer("t", torch.zeros((), device=device, dtype=_statistics_dtype(dtype)))
 
     _statistics = ("t",)
-    _running_t = True
 
     def row_rewrite(self, x, y):
         if self.training:

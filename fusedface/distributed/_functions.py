@@ -251,7 +251,7 @@ def _check_local_rows(name, t, b: int):
 def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backend="auto", tile_size=None,
                 m2=0.0, m3=0.0, class_m2=None, elastic: ElasticDraws | None = None, sample_rate=None,
                 sample_generator=None, batch_sizes=None, embedding_grad_scale=1.0, stats=True, batch=None,
-                m2_local=None, m3_local=None, term_local=None, term_weight=1.0, rt=None):
+                m2_local=None, m3_local=None, term_local=None, term_weight=1.0, rt=None, checked=False):
     """Gather, sample and run the prologue; returns ``(W_used, plan)`` for :class:`MarginSoftmaxShardFunction`.
 
     ``m2``/``m3``: floats or per-row tensors over the GLOBAL batch (the same on every rank).
@@ -265,8 +265,10 @@ def margin_plan(comm: Comm, x, W, y, opts: MarginOptions, *, num_classes, backen
     pass the same tensors to :class:`MarginSoftmaxShardFunction`, which returns their gradient.
     ``rt``: CurricularFace's ``t`` (a tensor; the plan's ``raw_y`` holds the shared target cosines
     it is updated from, and the caller may set ``plan.rt`` before the pass).
-    With ``opts.subcenters = K`` the shard ``W`` is ``[C_local·K, D]`` (class ``j``'s K rows together)."""
-    check_local_batch(x, y, W)
+    With ``opts.subcenters = K`` the shard ``W`` is ``[C_local·K, D]`` (class ``j``'s K rows together).
+    ``checked``: the caller ran :func:`check_local_batch` on these tensors already."""
+    if not checked:
+        check_local_batch(x, y, W)
     kernels = backends.get(backend, x.device)
     check_kernels(kernels, opts)
     K = opts.subcenters

@@ -185,6 +185,9 @@ class ShardedHead(nn.Module):
             loss = reduce_rows(rows, plan.batch.valid, h.options.reduction)
             self._remember(plan)
             return loss
+        # the boundary checks once, before any family reads the rows (AdaFace's gather, MagFace's norms);
+        # margin_plan is told, so the finiteness pass over x and W is not run twice
+        check_local_batch(embeddings, labels, h.weight)
         extra, local = {}, {}
         if isinstance(h, _Elastic):
             extra["elastic"] = ElasticDraws(h.margin_mean, h.margin_std, h.plus, h._slot, h.generator)
@@ -192,7 +195,6 @@ class ShardedHead(nn.Module):
             extra["class_m2"] = h.class_margins
         elif isinstance(h, AdaFace):
             # the norms of the GLOBAL batch (gathered): every rank moves its statistics identically
-            check_local_batch(embeddings, labels, h.weight)
             batch = gather_batch(self.comm, embeddings, labels, self.num_classes, h.options.ignore_index, batch_sizes)
             extra["batch"] = batch
             extra["m2"], extra["m3"] = M.adaface_margins(batch.x_all, batch.valid, h.batch_mean, h.batch_std,
@@ -200,7 +202,6 @@ class ShardedHead(nn.Module):
         elif isinstance(h, MagFace):
             # each rank's margins and regulariser from its own rows' norms, with their gradient: the
             # prologue shares the values, the pass returns dL/dm2 and dL/dg of this rank's rows
-            check_local_batch(embeddings, labels, h.weight)  # (before the norms: a bad shape gets its message)
             a = M.magface_norms(scale_grad(embeddings, self.embedding_grad_scale), h.l_a, h.u_a)
             local["m2_local"] = M.magface_margins(a, h.l_a, h.u_a, h.l_margin, h.u_margin)
             local["term_local"] = M.magface_regularizer(a, h.u_a)
@@ -208,7 +209,7 @@ class ShardedHead(nn.Module):
         else:
             extra["m2"], extra["m3"] = h.m2, h.m3
         W_used, plan = margin_plan(self.comm, embeddings, h.weight, labels, h.options, stats=self.track_stats,
-                                   **common, **extra, **local)
+                                   checked=True, **common, **extra, **local)
         if isinstance(h, KappaFace) and self.training and h.auto_update:
             self._accumulate(plan.batch)
         if isinstance(h, CurricularFace):
